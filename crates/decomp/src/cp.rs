@@ -1,0 +1,229 @@
+//! CP (CANDECOMP/PARAFAC) decomposition of the tensorized matrix.
+//!
+//! `T[i1, j1, …, ik, jk] ≈ Σ_{r<R} λ_r · Π_d A_d[idx_d, r]` with factor matrices
+//! `A_d` of shape `(dim_d × R)` (unit-norm columns), `dim = (m1, n1, m2, n2, …)`, weights `λ` (R).
+//! Equivalently `W ≈ KR_rows · diag(λ) · KR_colsᵀ` with Khatri–Rao products of the row and column
+//! factors, which is how [`crate::Factorization::apply`] runs it (`R·(m+n)` work per row of X).
+//! Params `R·Σ dim_d + R`.
+//! Fit: CP-ALS, SVD initialisation (random columns beyond a mode's dimension), column
+//! normalisation after each update, stop when the relative error changes by less than `tol`
+//! or after `max_iters` sweeps; the iteration count is reported.
+//!
+//! ```
+//! use compactor_decomp::{factorize_report, from_row_major, FactorizeOptions, Method, RankChoice};
+//! let data: Vec<f32> = (0..16 * 16).map(|i| 1.0 + (i % 16) as f32).collect(); // rank-1 structure
+//! let w = from_row_major(16, 16, &data);
+//! let (f, rep) = factorize_report(w.as_ref(), &FactorizeOptions::new(Method::Cp, RankChoice::Rank(4))).unwrap();
+//! assert!(rep.iterations >= 1);
+//! assert_eq!(f.params(), 4 * (2 + 2 + 2 + 2 + 2 + 2 + 2 + 2) + 4);
+//! ```
+
+use crate::error::Result;
+use crate::linalg::{gaussian64, mm32, mm64, sym_eig_desc, unfold};
+
+pub fn params_for_rank(dims: &[usize], r: usize) -> usize {
+    r * dims.iter().sum::<usize>() + r
+}
+
+pub(crate) struct CpResult {
+    pub weights: Vec<f64>,
+    pub factors: Vec<Vec<f64>>,
+    pub iterations: usize,
+    pub rel_error: f64,
+    pub converged: bool,
+}
+
+/// Khatri–Rao product over `modes` (row-major over the mode indices in order): (Π dims × R).
+fn khatri_rao<T: Copy + std::ops::Mul<Output = T> + From<f32>>(factors: &[&[T]], dims: &[usize], r: usize) -> Vec<T> {
+    let mut acc: Vec<T> = vec![T::from(1.0); r];
+    let mut rows = 1;
+    for (f, &d) in factors.iter().zip(dims) {
+        let mut next = Vec::with_capacity(rows * d * r);
+        for q in 0..rows {
+            for i in 0..d {
+                for c in 0..r {
+                    next.push(acc[q * r + c] * f[i * r + c]);
+                }
+            }
+        }
+        acc = next;
+        rows *= d;
+    }
+    acc
+}
+
+/// Matricized tensor times Khatri–Rao product for mode d: (dim_d × R).
+fn mttkrp(t: &[f64], dims: &[usize], factors: &[Vec<f64>], d: usize, r: usize) -> Vec<f64> {
+    let dim = dims[d];
+    let u = unfold(t, dims, d); // dim × (others in order)
+    let others: Vec<usize> = (0..dims.len()).filter(|&e| e != d).collect();
+    let rest: usize = others.iter().map(|&e| dims[e]).product();
+    // split others into A (prefix) and B (suffix) with |A| ≈ sqrt(rest)
+    let mut h = 0;
+    let mut pa = 1usize;
+    while h < others.len() && pa * pa < rest {
+        pa *= dims[others[h]];
+        h += 1;
+    }
+    let (a_modes, b_modes) = others.split_at(h);
+    let pb = rest / pa;
+    let fa: Vec<&[f64]> = a_modes.iter().map(|&e| factors[e].as_slice()).collect();
+    let fb: Vec<&[f64]> = b_modes.iter().map(|&e| factors[e].as_slice()).collect();
+    let da: Vec<usize> = a_modes.iter().map(|&e| dims[e]).collect();
+    let db: Vec<usize> = b_modes.iter().map(|&e| dims[e]).collect();
+    let kra = khatri_rao(&fa, &da, r);
+    let krb = khatri_rao(&fb, &db, r);
+    let p = mm64(&u, dim * pa, pb, false, &krb, pb, r, false); // (dim·pa) × r
+    let mut m = vec![0.0; dim * r];
+    for i in 0..dim {
+        for a in 0..pa {
+            let row = &p[(i * pa + a) * r..(i * pa + a + 1) * r];
+            let ka = &kra[a * r..(a + 1) * r];
+            for c in 0..r {
+                m[i * r + c] += row[c] * ka[c];
+            }
+        }
+    }
+    m
+}
+
+fn gram(a: &[f64], rows: usize, r: usize) -> Vec<f64> {
+    mm64(a, rows, r, true, a, rows, r, false)
+}
+
+fn pinv_sym(v: &[f64], r: usize) -> Result<Vec<f64>> {
+    let (vals, vecs) = sym_eig_desc(v, r)?;
+    let cut = vals[0].abs() * 1e-12;
+    let mut out = vec![0.0; r * r];
+    for (e, &lam) in vals.iter().enumerate() {
+        if lam > cut {
+            let inv = 1.0 / lam;
+            for i in 0..r {
+                let vi = vecs[i * r + e] * inv;
+                for j in 0..r {
+                    out[i * r + j] += vi * vecs[j * r + e];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize, max_iters: usize, tol: f64, seed: u64) -> Result<CpResult> {
+    let dims = crate::sites::interleaved(row_dims, col_dims);
+    let t = crate::sites::matrix_to_tensor(w, row_dims, col_dims);
+    let nm = dims.len();
+    let norm2: f64 = t.iter().map(|v| v * v).sum::<f64>().max(f64::MIN_POSITIVE);
+    // SVD init
+    let mut factors = Vec::with_capacity(nm);
+    for d in 0..nm {
+        let dim = dims[d];
+        let rest = t.len() / dim;
+        let u = unfold(&t, &dims, d);
+        let g = mm64(&u, dim, rest, false, &u, dim, rest, true);
+        let (_, vecs) = sym_eig_desc(&g, dim)?;
+        let rnd = gaussian64(dim, r, seed.wrapping_add(d as u64));
+        let mut f = vec![0.0; dim * r];
+        for i in 0..dim {
+            for c in 0..r {
+                f[i * r + c] = if c < dim { vecs[i * dim + c] } else { rnd[i * r + c] / (dim as f64).sqrt() };
+            }
+        }
+        factors.push(f);
+    }
+    let mut grams: Vec<Vec<f64>> = factors.iter().zip(&dims).map(|(f, &d)| gram(f, d, r)).collect();
+    let mut weights = vec![1.0; r];
+    let mut rel = 1.0;
+    let mut iterations = 0;
+    let mut converged = false;
+    for _ in 0..max_iters {
+        let mut last_m = Vec::new();
+        for d in 0..nm {
+            let m = mttkrp(&t, &dims, &factors, d, r);
+            let mut v = vec![1.0; r * r];
+            for (e, g) in grams.iter().enumerate() {
+                if e != d {
+                    for (x, y) in v.iter_mut().zip(g) {
+                        *x *= y;
+                    }
+                }
+            }
+            let vp = pinv_sym(&v, r)?;
+            let mut a = mm64(&m, dims[d], r, false, &vp, r, r, false);
+            for c in 0..r {
+                let nrm = (0..dims[d]).map(|i| a[i * r + c] * a[i * r + c]).sum::<f64>().sqrt();
+                weights[c] = nrm;
+                if nrm > 0.0 {
+                    for i in 0..dims[d] {
+                        a[i * r + c] /= nrm;
+                    }
+                }
+            }
+            grams[d] = gram(&a, dims[d], r);
+            factors[d] = a;
+            last_m = m;
+        }
+        // fit from the last mode's MTTKRP
+        let d = nm - 1;
+        let mut inner = 0.0;
+        for i in 0..dims[d] {
+            for c in 0..r {
+                inner += last_m[i * r + c] * factors[d][i * r + c] * weights[c];
+            }
+        }
+        let mut h = vec![1.0; r * r];
+        for g in &grams {
+            for (x, y) in h.iter_mut().zip(g) {
+                *x *= y;
+            }
+        }
+        let mut nhat = 0.0;
+        for i in 0..r {
+            for j in 0..r {
+                nhat += weights[i] * h[i * r + j] * weights[j];
+            }
+        }
+        let nrel = ((norm2 - 2.0 * inner + nhat).max(0.0) / norm2).sqrt();
+        iterations += 1;
+        let change = (rel - nrel).abs();
+        rel = nrel;
+        if change < tol {
+            converged = true;
+            break;
+        }
+    }
+    Ok(CpResult { weights, factors, iterations, rel_error: rel, converged })
+}
+
+/// Khatri–Rao products of the row factors (modes 0,2,4,…) and column factors (1,3,5,…).
+fn kr_rows_cols(factors: &[std::borrow::Cow<'_, [f32]>], row_dims: &[usize], col_dims: &[usize], r: usize) -> (Vec<f32>, Vec<f32>) {
+    let k = row_dims.len();
+    let fr: Vec<&[f32]> = (0..k).map(|t| &*factors[2 * t]).collect();
+    let fc: Vec<&[f32]> = (0..k).map(|t| &*factors[2 * t + 1]).collect();
+    (khatri_rao(&fr, row_dims, r), khatri_rao(&fc, col_dims, r))
+}
+
+pub(crate) fn cp_apply(weights: &[f32], factors: &[std::borrow::Cow<'_, [f32]>], row_dims: &[usize], col_dims: &[usize], x: &[f32], batch: usize) -> Vec<f32> {
+    let r = weights.len();
+    let (m, n) = (row_dims.iter().product::<usize>(), col_dims.iter().product::<usize>());
+    let (kr_r, kr_c) = kr_rows_cols(factors, row_dims, col_dims, r);
+    let mut z = mm32(x, batch, n, false, &kr_c, n, r, false);
+    for b in 0..batch {
+        for c in 0..r {
+            z[b * r + c] *= weights[c];
+        }
+    }
+    mm32(&z, batch, r, false, &kr_r, m, r, true)
+}
+
+pub(crate) fn cp_reconstruct(weights: &[f32], factors: &[std::borrow::Cow<'_, [f32]>], row_dims: &[usize], col_dims: &[usize]) -> Vec<f32> {
+    let r = weights.len();
+    let (m, n) = (row_dims.iter().product::<usize>(), col_dims.iter().product::<usize>());
+    let (mut kr_r, kr_c) = kr_rows_cols(factors, row_dims, col_dims, r);
+    for i in 0..m {
+        for c in 0..r {
+            kr_r[i * r + c] *= weights[c];
+        }
+    }
+    mm32(&kr_r, m, r, false, &kr_c, n, r, true)
+}
