@@ -36,6 +36,10 @@ pub(crate) struct Trunc {
 }
 
 pub(crate) fn choose_rank(s2: &[f64], t: Trunc) -> usize {
+    if t.max_discarded <= 0.0 {
+        // rank-only rule: shapes are exactly what `predict` says, even for rank-deficient data
+        return t.max_rank.min(s2.len()).max(1);
+    }
     let mut tail = 0.0;
     let mut r = s2.len();
     // walk from the end while the tail stays within budget
