@@ -69,3 +69,13 @@ pub fn randomized_svd(w: faer::MatRef<'_, f32>, rank: usize, oversample: usize, 
     let u: Vec<f32> = (0..m).flat_map(|i| u[i * l..i * l + rank].iter().map(|&v| v as f32)).collect();
     Ok((u, s[..rank].iter().map(|&v| v as f32).collect(), vt[..rank * n].iter().map(|&v| v as f32).collect()))
 }
+
+/// Full thin SVD in f32 (faer): `(U m×p, s (p, descending), Vᵀ p×n)`, `p = min(m, n)`.
+pub fn full_svd(w: faer::MatRef<'_, f32>) -> Result<(faer::Mat<f32>, Vec<f32>, faer::Mat<f32>)> {
+    let (m, n) = (w.nrows(), w.ncols());
+    linalg::check_finite(w)?;
+    let svd = w.thin_svd().map_err(|e| DecompError::Linalg(format!("SVD of a {m} x {n} matrix did not converge: {e:?}")))?;
+    let p = m.min(n);
+    let s = (0..p).map(|i| svd.S().column_vector()[i]).collect();
+    Ok((svd.U().to_owned(), s, svd.V().transpose().to_owned()))
+}

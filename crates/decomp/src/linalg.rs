@@ -252,3 +252,20 @@ pub fn to_row_major(w: &Mat<f32>) -> Vec<f32> {
 pub(crate) fn mat_from_rm64(m: usize, n: usize, data: &[f64]) -> Mat<f32> {
     Mat::from_fn(m, n, |i, j| data[i * n + j] as f32)
 }
+
+/// Reject empty matrices and non-finite values (with their position).
+pub(crate) fn check_finite(w: MatRef<'_, f32>) -> Result<()> {
+    let (m, n) = (w.nrows(), w.ncols());
+    if m == 0 || n == 0 {
+        return Err(DecompError::Empty { m, n });
+    }
+    for i in 0..m {
+        for j in 0..n {
+            let v = w[(i, j)];
+            if !v.is_finite() {
+                return Err(DecompError::NonFinite { row: i, col: j, value: v });
+            }
+        }
+    }
+    Ok(())
+}
