@@ -325,7 +325,12 @@ pub fn factorize_report(w: MatRef<'_, f32>, opts: &FactorizeOptions) -> Result<(
                 Some(t) => t * t * norm2 / (rd.len().saturating_sub(1).max(1)) as f64,
                 None => 0.0,
             };
-            let algo = if tol.is_some() { SvdAlgo::Exact } else { opts.svd_algo };
+            // TT bond unfoldings have flat spectra, where a randomized range finder loses accuracy:
+            // Auto means exact here; an explicit Randomized is honoured for rank-only rules.
+            let algo = match (tol, opts.svd_algo) {
+                (Some(_), _) | (None, SvdAlgo::Auto) => SvdAlgo::Exact,
+                (None, a) => a,
+            };
             let res = tt::tt_svd(&data, &rd, &cd, &caps, bond_tol2, algo, opts.seed)?;
             let disc: f64 = res.discarded.iter().sum();
             (

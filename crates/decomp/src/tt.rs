@@ -10,8 +10,8 @@
 //!
 //! Wide unfoldings (rows ≤ cols/2) use the Gram matrix `C Cᵀ` and faer's self-adjoint
 //! eigendecomposition (exact in exact arithmetic, `rows² · cols` flops, V never formed); others use
-//! faer's thin SVD (QR first on tall shapes). A bond whose χ is small relative to the unfolding uses
-//! the randomized SVD (`SvdAlgo::Auto`).
+//! faer's thin SVD (QR first on tall shapes). `SvdAlgo::Auto` is exact for TT (bond unfoldings
+//! have flat spectra); `SvdAlgo::Randomized` can be asked for explicitly.
 //!
 //! ```
 //! use compactor_decomp::{factorize, from_row_major, FactorizeOptions, Method, RankChoice};
