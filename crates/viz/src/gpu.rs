@@ -665,9 +665,11 @@ impl Renderer {
         if bytes.is_empty() {
             return None;
         }
-        let size = (bytes.len() as u64).div_ceil(4) * 4;
+        // vertices (20 bytes) and u32 indices: always a multiple of 4 bytes, as mapping needs
+        debug_assert_eq!(bytes.len() % 4, 0);
+        let size = bytes.len() as u64;
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: true });
-        buf.slice(..).get_mapped_range_mut().expect("freshly created mapped buffer")[..bytes.len()].copy_from_slice(bytes);
+        buf.slice(..).get_mapped_range_mut().expect("freshly created mapped buffer").copy_from_slice(bytes);
         buf.unmap();
         Some(buf)
     }
