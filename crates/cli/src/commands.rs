@@ -1,0 +1,317 @@
+//! The commands beyond inspect/eval/generate. Each parses its flags into engine calls and prints.
+
+use crate::progress::Bar;
+use crate::{parse_dtype, CompressArgs, DemoArgs, PlanArgs};
+use anyhow::{bail, Context, Result};
+use compactor_core::checkpoint::Checkpoint;
+use compactor_core::model::{linear_layers, Model};
+use compactor_core::plan::{Allocation, Calibration, LayerSpec, Method, Plan, QuantSpec, Rule};
+use compactor_core::progress::Progress;
+use compactor_core::{eval, pipeline, run};
+use compactor_decomp as dc;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub fn spectra(model: PathBuf, layers: Option<String>, json: bool, out: Option<PathBuf>) -> Result<()> {
+    let ck = Checkpoint::open(&model)?;
+    let pat = layers.as_deref().map(glob::Pattern::new).transpose().context("--layers is not a valid glob")?;
+    let specs: Vec<_> = linear_layers(&ck.config).into_iter().filter(|s| pat.as_ref().map(|p| p.matches(&s.name)).unwrap_or(true)).collect();
+    if specs.is_empty() {
+        bail!("--layers {:?} matches no linear layer of {}", layers.unwrap_or_default(), model.display());
+    }
+    if let Some(o) = &out {
+        std::fs::create_dir_all(o).with_context(|| format!("{}: cannot create", o.display()))?;
+    }
+    let bar = Bar::new(json);
+    bar.start("spectra", specs.len() as u64);
+    let mut all = Vec::new();
+    for s in &specs {
+        if bar.cancelled() {
+            bail!("cancelled");
+        }
+        let (m, n, w) = ck.matrix_f32(&format!("{}.weight", s.name))?;
+        let sp = dc::spectrum(dc::from_row_major(m, n, &w).as_ref())?;
+        let entry = serde_json::json!({ "name": s.name, "layer": s.layer, "role": s.role, "spectrum": sp });
+        if let Some(o) = &out {
+            compactor_core::checkpoint::write_atomic(&o.join(format!("{}.json", s.name)), serde_json::to_string(&entry)?.as_bytes())?;
+        }
+        all.push(entry);
+        bar.inc(1, &s.name);
+    }
+    bar.finish();
+    if let Some(o) = &out {
+        let summary: Vec<_> = all.iter().map(|e| {
+            let sp = &e["spectrum"];
+            serde_json::json!({ "name": e["name"], "layer": e["layer"], "role": e["role"], "m": sp["m"], "n": sp["n"],
+                "sigma_max": sp["singular_values"][0], "stable_rank": sp["stable_rank"], "entropy_effective_rank": sp["entropy_effective_rank"],
+                "alpha": sp["alpha"], "alpha_xmin": sp["alpha_xmin"] })
+        }).collect();
+        compactor_core::checkpoint::write_atomic(&o.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    }
+    if json {
+        println!("{}", serde_json::to_string(&all)?);
+        return Ok(());
+    }
+    println!("{:<40} {:>11} {:>10} {:>8} {:>8} {:>7} {:>10}", "layer", "shape", "σ_max", "stable", "eff.rank", "alpha", "xmin");
+    for e in &all {
+        let sp = &e["spectrum"];
+        println!(
+            "{:<40} {:>11} {:>10.4} {:>8.2} {:>8.1} {:>7} {:>10}",
+            e["name"].as_str().unwrap_or(""),
+            format!("{}x{}", sp["m"], sp["n"]),
+            sp["singular_values"][0].as_f64().unwrap_or(0.0),
+            sp["stable_rank"].as_f64().unwrap_or(0.0),
+            sp["entropy_effective_rank"].as_f64().unwrap_or(0.0),
+            sp["alpha"].as_f64().map(|a| format!("{a:.2}")).unwrap_or("-".into()),
+            sp["alpha_xmin"].as_f64().map(|a| format!("{a:.3e}")).unwrap_or("-".into()),
+        );
+    }
+    if let Some(o) = out {
+        println!("wrote {} layer files and summary.json to {}", all.len(), o.display());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn factorize(model: PathBuf, layer: String, method: String, rank: Option<usize>, ratio: Option<f64>, tol: Option<f64>, quant: Option<String>, sites: Option<usize>, json: bool) -> Result<()> {
+    let ck = Checkpoint::open(&model)?;
+    let name = layer.trim_end_matches(".weight").to_string();
+    let spec = linear_layers(&ck.config).into_iter().find(|s| s.name == name);
+    let Some(spec) = spec else { bail!("{}: no linear layer named `{name}` (see `compactor inspect`)", model.display()) };
+    let choice = match (rank, ratio, tol) {
+        (Some(r), None, None) => dc::RankChoice::Rank(r),
+        (None, Some(p), None) => dc::RankChoice::Ratio(p),
+        (None, None, Some(t)) => dc::RankChoice::Tol(t),
+        (None, None, None) => bail!("give one of --rank, --ratio, --tol"),
+        _ => bail!("give only one of --rank, --ratio, --tol"),
+    };
+    let m = Method::parse(&method)?;
+    let mut opts = dc::FactorizeOptions::new(pipeline::to_dc_method(m), choice);
+    opts.quant = quant.as_deref().map(QuantSpec::parse).transpose()?.as_ref().map(pipeline::to_dc_quant);
+    opts.sites = sites.map(|k| (dc::sites::balanced_factors(spec.out_features, k), dc::sites::balanced_factors(spec.in_features, k)));
+    let (rows, cols, w) = ck.matrix_f32(&format!("{name}.weight"))?;
+    let wm = dc::from_row_major(rows, cols, &w);
+    let t0 = Instant::now();
+    let (f, rep) = dc::factorize_report(wm.as_ref(), &opts)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let err = f.rel_error(wm.as_ref());
+    let meta = f.metadata();
+    let out = serde_json::json!({
+        "layer": name, "method": m.name(), "shape": [rows, cols], "ranks": f.ranks(),
+        "row_dims": meta.row_dims, "col_dims": meta.col_dims,
+        "params": f.params(), "dense_params": rows * cols, "param_ratio": f.params() as f64 / (rows * cols) as f64,
+        "bytes": f.bytes(), "rel_error": err, "iterations": rep.iterations, "converged": rep.converged, "seconds": secs,
+        "quant": opts.quant,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{name}  {rows}x{cols}  method {}", m.name());
+        println!("  ranks       {:?}  (sites {:?} x {:?})", f.ranks(), meta.row_dims, meta.col_dims);
+        println!("  params      {} of {} ({:.1}%)", f.params(), rows * cols, 100.0 * f.params() as f64 / (rows * cols) as f64);
+        println!("  bytes       {} (f32 factors{})", f.bytes(), if opts.quant.is_some() { ", quantized" } else { "" });
+        println!("  rel. error  {err:.6}");
+        println!("  iterations  {}  converged {}", rep.iterations, rep.converged);
+        println!("  time        {:.3} s", secs);
+    }
+    Ok(())
+}
+
+fn parse_allocation(s: &str) -> Result<Allocation> {
+    Ok(match s {
+        "uniform" => Allocation::Uniform,
+        "energy" => Allocation::Energy,
+        "sensitivity" => Allocation::Sensitivity,
+        other => bail!("unknown allocation `{other}` (expected uniform, energy or sensitivity)"),
+    })
+}
+
+fn parse_rule(s: &str) -> Result<Rule> {
+    let (pat, what) = s.split_once('=').with_context(|| format!("rule `{s}`: expected GLOB=METHOD[:RATIO]"))?;
+    if what == "dense" {
+        return Ok(Rule { pattern: pat.into(), spec: LayerSpec { keep_dense: true, ..Default::default() } });
+    }
+    let (m, ratio) = match what.split_once(':') {
+        Some((m, r)) => (m, Some(r.parse::<f64>().with_context(|| format!("rule `{s}`: bad ratio `{r}`"))?)),
+        None => (what, None),
+    };
+    Ok(Rule { pattern: pat.into(), spec: LayerSpec { method: Some(Method::parse(m)?), ratio, ..Default::default() } })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_plan(method: &str, ratio: Option<f64>, quant: Option<&str>, allocation: &str, aa: bool, calib: Option<&Path>, calib_tokens: usize, rules: &[String]) -> Result<Plan> {
+    let m = Method::parse(method)?;
+    let mut plan = Plan::simple(m, ratio, quant.map(QuantSpec::parse).transpose()?);
+    plan.allocation = parse_allocation(allocation)?;
+    plan.activation_aware = aa;
+    plan.calibration = calib.map(|p| Calibration { text: p.to_path_buf(), tokens: calib_tokens, ctx: 256 });
+    plan.rules = rules.iter().map(|r| parse_rule(r)).collect::<Result<_>>()?;
+    plan.validate()?;
+    Ok(plan)
+}
+
+pub fn plan(a: PlanArgs) -> Result<()> {
+    let bar = Bar::new(a.json);
+    if let Some(p) = &a.preview {
+        let plan = Plan::from_file(p)?;
+        let rows = pipeline::preview(&a.model, &plan, true, &bar)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(());
+        }
+        println!("{:<40} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9}", "layer", "method", "rank", "dense", "params", "bytes", "pred.err");
+        for r in &rows {
+            println!("{:<40} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9}", r.name, r.method, r.rank, r.dense_params, r.params, r.bytes, r.predicted_error.map(|e| format!("{e:.4}")).unwrap_or("-".into()));
+        }
+        let (d, p, b): (usize, usize, usize) = rows.iter().fold((0, 0, 0), |acc, r| (acc.0 + r.dense_params, acc.1 + r.params, acc.2 + r.bytes));
+        println!("total: {p} of {d} linear parameters ({:.1}%), {b} bytes", 100.0 * p as f64 / d.max(1) as f64);
+        return Ok(());
+    }
+    let plan = build_plan(&a.method, Some(a.ratio), a.quant.as_deref(), &a.allocation, a.activation_aware, a.calib.as_deref(), a.calib_tokens, &a.rules)?;
+    let ck = Checkpoint::open(&a.model)?;
+    plan.resolve(&linear_layers(&ck.config)).with_context(|| format!("plan does not fit {}", a.model.display()))?;
+    let text = plan.to_json();
+    match a.out {
+        Some(o) => {
+            compactor_core::checkpoint::write_atomic(&o, text.as_bytes())?;
+            println!("wrote {}", o.display());
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+pub fn compress(a: CompressArgs) -> Result<()> {
+    let plan = match (&a.plan, &a.method) {
+        (Some(p), None) => Plan::from_file(p)?,
+        (None, Some(m)) => build_plan(m, Some(a.ratio.unwrap_or(0.5)), a.quant.as_deref(), &a.allocation, a.activation_aware, a.calib.as_deref(), a.calib_tokens, &[])?,
+        (Some(_), Some(_)) => bail!("give either --plan or --method, not both"),
+        (None, None) => bail!("give --plan plan.json or --method svd|tt|tucker|cp --ratio P"),
+    };
+    let dev = compactor_core::device(&a.device)?;
+    let opts = pipeline::CompressOptions { device: dev, shard_bytes: a.shard_mb << 20, ..Default::default() };
+    let t0 = Instant::now();
+    let bar = Bar::new(a.json);
+    let m = pipeline::compress(&a.model, &plan, &a.out, &opts, &bar)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let rss = peak_rss_bytes();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "out": a.out, "seconds": secs, "peak_rss_bytes": rss, "totals": m.totals, "layers": m.layers.len() }))?);
+    } else {
+        println!("wrote {} in {:.1} s", a.out.display(), secs);
+        println!("  linear params {} of {} ({:.1}% kept)", m.totals.linear_params, m.source.linear_params, 100.0 * m.totals.linear_param_ratio);
+        println!("  bytes         {} of {} ({:.1}%)", m.totals.bytes, m.source.bytes, 100.0 * m.totals.byte_ratio);
+        let mean = m.layers.iter().map(|l| l.rel_error).sum::<f64>() / m.layers.len().max(1) as f64;
+        println!("  mean relative error over {} layers: {mean:.4}", m.layers.len());
+        if let Some(r) = rss {
+            println!("  peak RSS      {:.1} MiB", r as f64 / (1u64 << 20) as f64);
+        }
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (VmHWM), Linux only.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn heal(dir: PathBuf, text: PathBuf, steps: usize, lr: f64, ctx: usize, batch: usize, norms: bool, device: String, out: PathBuf) -> Result<()> {
+    let opts = compactor_core::heal::HealOptions { steps, lr, ctx, batch, train_norms: norms, device: compactor_core::device(&device)?, ..Default::default() };
+    let (_, rep) = compactor_core::heal::heal(&dir, &text, &out, &opts, &Bar::new(false))?;
+    let first = rep.losses.first().copied().unwrap_or(f64::NAN);
+    let k = rep.losses.len().min(5).max(1);
+    let last = rep.losses[rep.losses.len() - k..].iter().sum::<f64>() / k as f64;
+    println!("healed {} → {}", dir.display(), out.display());
+    println!("  loss {first:.4} → {last:.4} (mean of last {k}) over {} steps, {} trained parameters", rep.losses.len(), rep.trained_params);
+    println!("  step time {:.3} s", rep.step_seconds);
+    if let Some(d) = rep.dense_step_seconds {
+        println!("  dense fine-tune step time {:.3} s (ratio dense/compressed {:.2}x)", d, d / rep.step_seconds);
+    }
+    Ok(())
+}
+
+/// The bundled assets: `assets/` in the current directory, else beside the source tree.
+fn assets_dir() -> Result<PathBuf> {
+    for c in [PathBuf::from("assets"), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets")] {
+        if c.join("models/granite-tiny/config.json").is_file() {
+            return Ok(c);
+        }
+    }
+    bail!("bundled assets not found: run from the repository root (assets/models/granite-tiny)")
+}
+
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let assets = assets_dir()?;
+    if a.gui {
+        bail!("the desktop app is not built yet in this version; run `scripts/demo.sh` without --gui for the headless run");
+    }
+    let dev = compactor_core::device(&a.device)?;
+    let o = run::DemoOptions {
+        model: assets.join("models/granite-tiny"),
+        eval_text: assets.join("gutenberg-heldout.txt"),
+        calib_text: assets.join("calibration.txt"),
+        out: a.out.clone(),
+        ratio: a.ratio,
+        heal_steps: a.heal_steps,
+        eval: run::EvalOptions { max_windows: a.max_windows, device: dev, ..Default::default() },
+    };
+    let t0 = Instant::now();
+    let s = run::demo(&o, &Bar::new(false))?;
+    print_summary(&s);
+    println!("\nwrote {} in {:.0} s", a.out.join("run.json").display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn print_summary(s: &run::RunSummary) {
+    let o = &s.original;
+    println!("\n{} on {} (ctx {}, {} windows), {:.0}% of linear parameters kept", s.model, s.text, s.ctx, s.max_windows, 100.0 * s.param_ratio);
+    println!("{:<14} {:>10} {:>8} {:>10} {:>10} {:>11} {:>8} {:>8}", "variant", "ppl", "Δppl%", "params", "bytes", "decode t/s", "speed×", "err");
+    for v in std::iter::once(o).chain(s.variants.iter()) {
+        println!(
+            "{:<14} {:>10.3} {:>8.1} {:>10} {:>10} {:>11.1} {:>8.2} {:>8}",
+            v.name,
+            v.perplexity,
+            100.0 * (v.perplexity / o.perplexity - 1.0),
+            v.params,
+            v.bytes,
+            v.decode_tokens_per_s,
+            v.decode_tokens_per_s / o.decode_tokens_per_s,
+            v.mean_rel_error.map(|e| format!("{e:.3}")).unwrap_or("-".into())
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String) -> Result<()> {
+    let dev = compactor_core::device(&device)?;
+    let dt = parse_dtype(&dtype)?;
+    let load = |p: &Path| -> Result<Model> {
+        let any = compactor_core::compressed::AnyModel::open(p)?;
+        Ok(Model::load(any.source(), dt, &dev)?)
+    };
+    let base = load(&dense)?;
+    let prompt: Vec<u32> = (0..prompt_tokens).map(|i| (i * 7 % base.cfg.vocab_size.min(1000)) as u32 + 1).collect();
+    let mut models = vec![(dense.display().to_string(), base)];
+    for c in &compressed {
+        models.push((c.display().to_string(), load(c)?));
+    }
+    // interleave repeats so that drift in machine load hits every model alike; keep the best
+    let mut best = vec![0f64; models.len()];
+    for _ in 0..repeats.max(1) {
+        for (i, (_, m)) in models.iter().enumerate() {
+            let s = eval::speed(m, &prompt, tokens)?;
+            best[i] = best[i].max(s.decode_tokens_per_s);
+        }
+    }
+    println!("decode tokens/s, batch 1, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}");
+    println!("{:<50} {:>12} {:>14} {:>10}", "model", "linear params", "decode tok/s", "vs dense");
+    for (i, (name, m)) in models.iter().enumerate() {
+        let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();
+        println!("{:<50} {:>12} {:>14.1} {:>9.2}x", name, lp, best[i], best[i] / best[0]);
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The `compactor` binary end to end: commands, JSON output, kill safety, memory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_compactor"))
+}
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+fn fixture(n: &str) -> PathBuf {
+    shared().join("fixtures").join(n)
+}
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = bin().args(args).output().unwrap();
+    assert!(out.status.success(), "compactor {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn inspect_json_totals() {
+    let v = run_json(&["inspect", fixture("granite-tiny").to_str().unwrap(), "--json"]);
+    let sum: u64 = v["tensors"].as_array().unwrap().iter().map(|t| t["params"].as_u64().unwrap()).sum();
+    assert_eq!(v["total_params"].as_u64().unwrap(), sum);
+    assert_eq!(v["total_params"].as_u64().unwrap(), 5_771_520);
+    assert_eq!(v["linear_groups"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn eval_json_has_the_documented_keys() {
+    let v = run_json(&[
+        "eval", fixture("stories260K").to_str().unwrap(), "--text", shared().join("corpora/tinystories_val.txt").to_str().unwrap(),
+        "--max-windows", "8", "--decode-tokens", "8", "--json",
+    ]);
+    for k in ["perplexity", "mean_nll", "tokens_scored", "windows", "ctx", "params", "bytes_on_disk", "load_seconds", "eval_seconds", "prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(v.get(k).is_some(), "missing key {k}");
+    }
+    assert_eq!(v["tokens_scored"].as_u64().unwrap(), 8 * 255);
+    let p = v["perplexity"].as_f64().unwrap();
+    assert!(p > 2.0 && p < 8.0, "{p}");
+}
+
+#[test]
+fn errors_name_the_file_and_exit_nonzero() {
+    let out = bin().args(["eval", "/nonexistent/model", "--text", "x.txt"]).output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("/nonexistent/model") && !e.contains("panicked"), "{e}");
+}
+
+fn dir_digest(dir: &Path) -> Vec<(String, u64, Vec<u8>)> {
+    use std::io::Read;
+    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v.iter()
+        .map(|p| {
+            let mut f = std::fs::File::open(p).unwrap();
+            let mut head = vec![0u8; 1 << 16];
+            let n = f.read(&mut head).unwrap();
+            head.truncate(n);
+            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::metadata(p).unwrap().len(), head)
+        })
+        .collect()
+}
+
+/// One synthetic ~200 MB checkpoint shared by the two tests below.
+fn synthetic() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("synth-llama-200mb");
+    if !dir.join("config.json").is_file() {
+        let out = bin()
+            .args(["synth", "--preset", "llama-200mb", "--tokenizer", fixture("granite-tiny").join("tokenizer.json").to_str().unwrap(), "--out", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    dir
+}
+
+#[test]
+fn peak_rss_while_compressing_stays_below_the_file_size_and_sigkill_leaves_nothing_loadable() {
+    let src = synthetic();
+    let size: u64 = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap()).filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors")).map(|e| e.metadata().unwrap().len()).sum();
+    assert!(size > 180 << 20, "synthetic checkpoint is {size} bytes");
+    let before = dir_digest(&src);
+    let tmp = tempfile::tempdir().unwrap();
+
+    // 1. peak RSS of a full run
+    let out_dir = tmp.path().join("svd");
+    let v = run_json(&["compress", src.to_str().unwrap(), "--method", "svd", "--ratio", "0.5", "--shard-mb", "32", "--out", out_dir.to_str().unwrap(), "--json"]);
+    let rss = v["peak_rss_bytes"].as_u64().unwrap();
+    println!("peak RSS {:.1} MiB while compressing a {:.1} MiB checkpoint", rss as f64 / 1048576.0, size as f64 / 1048576.0);
+    assert!(rss < size, "peak RSS {rss} ≥ checkpoint size {size}");
+    assert!(out_dir.join("compactor.json").is_file());
+
+    // 2. SIGKILL mid-write
+    let killed = tmp.path().join("killed");
+    let mut child = bin().args(["compress", src.to_str().unwrap(), "--method", "svd", "--ratio", "0.5", "--shard-mb", "16", "--out", killed.to_str().unwrap()]).spawn().unwrap();
+    // wait until it has started writing shards
+    let t0 = std::time::Instant::now();
+    loop {
+        let partial = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".killed.partial"));
+        if let Some(p) = partial {
+            if std::fs::read_dir(&p).map(|d| d.count()).unwrap_or(0) > 1 {
+                break;
+            }
+        }
+        assert!(t0.elapsed().as_secs() < 120, "compress never started writing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(dir_digest(&src), before, "the source checkpoint changed");
+    assert!(!killed.exists(), "a killed run must not leave a directory under the output name");
+    for e in std::fs::read_dir(tmp.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p != out_dir {
+            assert!(compactor_core::compressed::CompressedModel::open(&p).is_err(), "{} loads as complete", p.display());
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! One abstraction for every linear layer of the model: `y = x Wᵀ + b`, with W of shape
+//! (out_features m, in_features n) as in Hugging Face checkpoints, x of shape (…, n) and y of
+//! shape (…, m).
+//!
+//! The model code only ever calls [`Linear::forward`]; how W is stored is the variant's
+//! business. Today: [`Linear::Dense`] (W itself) and [`Linear::LowRank`] (W ≈ A·B with A m×r,
+//! B r×n, applied as (x Bᵀ) Aᵀ so that W is never formed). The tensor-network variants are added
+//! next to them without touching the model.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use compactor_core::linear::Linear;
+//! let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu).unwrap(); // 3×2
+//! let lin = Linear::dense(w, None);
+//! let x = Tensor::new(&[[1f32, 1.]], &Device::Cpu).unwrap();
+//! assert_eq!(lin.forward(&x).unwrap().to_vec2::<f32>().unwrap(), vec![vec![3., 7., 11.]]);
+//! assert_eq!((lin.out_features(), lin.in_features()), (3, 2));
+//! ```
+
+use candle_core::{Result, Tensor, D};
+
+/// A linear layer in one of its storage forms.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// W (m × n), dense.
+    Dense { w: Tensor, bias: Option<Tensor> },
+    /// W ≈ A B, A (m × r), B (r × n).
+    LowRank { a: Tensor, b: Tensor, bias: Option<Tensor> },
+    /// Tensor train / MPO: cores G_t (χ_{t-1}, m_t, n_t, χ_t), m = Π m_t, n = Π n_t.
+    Mpo { cores: Vec<Tensor>, m: usize, n: usize, bias: Option<Tensor> },
+    /// Tucker over the interleaved modes (m1, n1, m2, n2, …): core (r_1..r_2k), factors U_d (dim_d × r_d).
+    Tucker { core: Tensor, factors: Vec<Tensor>, m: usize, n: usize, bias: Option<Tensor> },
+    /// CP over the interleaved modes: weights λ (R), factors A_d (dim_d × R).
+    Cp { weights: Tensor, factors: Vec<Tensor>, m: usize, n: usize, bias: Option<Tensor> },
+}
+
+impl Linear {
+    pub fn dense(w: Tensor, bias: Option<Tensor>) -> Self {
+        Linear::Dense { w, bias }
+    }
+
+    pub fn out_features(&self) -> usize {
+        match self {
+            Linear::Dense { w, .. } => w.dims()[0],
+            Linear::LowRank { a, .. } => a.dims()[0],
+            Linear::Mpo { m, .. } | Linear::Tucker { m, .. } | Linear::Cp { m, .. } => *m,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        match self {
+            Linear::Dense { w, .. } => w.dims()[1],
+            Linear::LowRank { b, .. } => b.dims()[1],
+            Linear::Mpo { n, .. } | Linear::Tucker { n, .. } | Linear::Cp { n, .. } => *n,
+        }
+    }
+
+    /// Parameters stored (weights and bias).
+    pub fn params(&self) -> usize {
+        let bias = self.bias().map(|b| b.elem_count()).unwrap_or(0);
+        bias + self.factors().iter().map(|t| t.elem_count()).sum::<usize>()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Dense { bias, .. }
+            | Linear::LowRank { bias, .. }
+            | Linear::Mpo { bias, .. }
+            | Linear::Tucker { bias, .. }
+            | Linear::Cp { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// The tensors that a fine-tune may train (the weight or its factors, not the bias).
+    pub fn factors(&self) -> Vec<&Tensor> {
+        match self {
+            Linear::Dense { w, .. } => vec![w],
+            Linear::LowRank { a, b, .. } => vec![a, b],
+            Linear::Mpo { cores, .. } => cores.iter().collect(),
+            Linear::Tucker { core, factors, .. } => std::iter::once(core).chain(factors).collect(),
+            Linear::Cp { weights, factors, .. } => std::iter::once(weights).chain(factors).collect(),
+        }
+    }
+
+    /// Mutable access to the same tensors as [`Linear::factors`], in the same order.
+    pub fn factors_mut(&mut self) -> Vec<&mut Tensor> {
+        match self {
+            Linear::Dense { w, .. } => vec![w],
+            Linear::LowRank { a, b, .. } => vec![a, b],
+            Linear::Mpo { cores, .. } => cores.iter_mut().collect(),
+            Linear::Tucker { core, factors, .. } => std::iter::once(core).chain(factors.iter_mut()).collect(),
+            Linear::Cp { weights, factors, .. } => std::iter::once(weights).chain(factors.iter_mut()).collect(),
+        }
+    }
+
+    /// y = x Wᵀ + b for x of shape (…, n).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let n = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, n))?;
+        let y = match self {
+            Linear::Dense { w, .. } => x2.matmul(&w.t()?)?,
+            Linear::LowRank { a, b, .. } => x2.matmul(&b.t()?)?.matmul(&a.t()?)?,
+            Linear::Mpo { cores, .. } => mpo_apply(cores, &x2)?,
+            Linear::Tucker { core, factors, m, .. } => tucker_apply(core, factors, *m, &x2)?,
+            Linear::Cp { weights, factors, m, .. } => cp_apply(weights, factors, *m, &x2)?,
+        };
+        let y = match self.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = y.dim(D::Minus1)?;
+        y.reshape(out)
+    }
+
+    /// The dense W (m × n) this layer stands for (materialized: for export and checks only).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match self {
+            Linear::Dense { w, .. } => Ok(w.clone()),
+            Linear::LowRank { a, b, .. } => a.matmul(b),
+            _ => {
+                let n = self.in_features();
+                let eye = Tensor::eye(n, self.factors()[0].dtype(), self.factors()[0].device())?;
+                let bias = self.bias().cloned();
+                let y = match bias {
+                    Some(b) => (self.forward(&eye)?.broadcast_sub(&b))?,
+                    None => self.forward(&eye)?,
+                };
+                y.t()?.contiguous()
+            }
+        }
+    }
+}
+
+/// y (B, m) = x (B, n) through MPO cores G_t (χ, m_t, n_t, χ'), contracting one site at a time:
+/// the state is (P, χ, n_t·R) with P = B·m_1⋯m_{t-1} and R = n_{t+1}⋯n_k.
+fn mpo_apply(cores: &[Tensor], x: &Tensor) -> Result<Tensor> {
+    let (b, n) = x.dims2()?;
+    let mut t = x.reshape((b, 1, n))?;
+    let mut p = b;
+    for g in cores {
+        let (chi, mt, nt, chi2) = g.dims4()?;
+        let r = t.dim(2)? / nt;
+        let lhs = t.reshape((p, chi, nt, r))?.permute((0, 3, 1, 2))?.contiguous()?.reshape((p * r, chi * nt))?;
+        let rhs = g.permute((0, 2, 1, 3))?.contiguous()?.reshape((chi * nt, mt * chi2))?;
+        let y = lhs.matmul(&rhs)?; // (p·r, m_t·χ')
+        t = y.reshape((p, r, mt, chi2))?.permute((0, 2, 3, 1))?.contiguous()?.reshape((p * mt, chi2, r))?;
+        p *= mt;
+    }
+    t.reshape((b, p / b))
+}
+
+/// Contracts axis `axis` of `t` (size d) with `mat` (d × r): the axis becomes size r.
+pub(crate) fn mode_mul(t: &Tensor, axis: usize, mat: &Tensor) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let last = dims.len() - 1;
+    let moved = if axis == last { t.clone() } else { t.transpose(axis, last)? }.contiguous()?;
+    let mdims = moved.dims().to_vec();
+    let d = mdims[last];
+    let rows = moved.elem_count() / d;
+    let r = mat.dim(1)?;
+    let y = moved.reshape((rows, d))?.matmul(mat)?;
+    let mut nd = mdims;
+    nd[last] = r;
+    let y = y.reshape(nd)?;
+    if axis == last { Ok(y) } else { y.transpose(axis, last)?.contiguous() }
+}
+
+/// Tucker over interleaved modes: y = x contracted with the column factors, the core, then the
+/// row factors; W is never formed.
+fn tucker_apply(core: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Result<Tensor> {
+    let (b, _) = x.dims2()?;
+    let k = factors.len() / 2;
+    let cols: Vec<usize> = (0..k).map(|t| factors[2 * t + 1].dims()[0]).collect();
+    let mut shape = vec![b];
+    shape.extend(&cols);
+    let mut z = x.reshape(shape)?;
+    for t in 0..k {
+        z = mode_mul(&z, t + 1, &factors[2 * t + 1])?; // n_t → rn_t
+    }
+    let rdims = core.dims().to_vec();
+    let rm: Vec<usize> = (0..k).map(|t| rdims[2 * t]).collect();
+    let rn: Vec<usize> = (0..k).map(|t| rdims[2 * t + 1]).collect();
+    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
+    let (rm_all, rn_all) = (rm.iter().product::<usize>(), rn.iter().product::<usize>());
+    let c = core.permute(perm)?.contiguous()?.reshape((rm_all, rn_all))?;
+    let y = z.reshape((b, rn_all))?.matmul(&c.t()?)?;
+    let mut shape = vec![b];
+    shape.extend(&rm);
+    let mut y = y.reshape(shape)?;
+    for t in 0..k {
+        y = mode_mul(&y, t + 1, &factors[2 * t].t()?)?; // rm_t → m_t
+    }
+    y.reshape((b, m))
+}
+
+/// CP over interleaved modes: z_r = Σ_j x_j Π_t B_t[j_t, r] (site by site), then
+/// y_i = Σ_r λ_r z_r Π_t A_t[i_t, r], the last site as a matmul.
+fn cp_apply(weights: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Result<Tensor> {
+    let (b, n) = x.dims2()?;
+    let k = factors.len() / 2;
+    let rank = weights.dim(0)?;
+    // input side: (B, R, rest)
+    let n1 = factors[1].dims()[0];
+    let t = x.reshape((b, n1, n / n1))?.transpose(1, 2)?.contiguous()?.reshape((b * (n / n1), n1))?;
+    let mut z = t.matmul(&factors[1])?.reshape((b, n / n1, rank))?.transpose(1, 2)?.contiguous()?; // (B, R, rest)
+    let mut rest = n / n1;
+    for s in 1..k {
+        let f = &factors[2 * s + 1]; // (n_s, R)
+        let ns = f.dims()[0];
+        rest /= ns;
+        let ft = f.t()?.reshape((1, rank, ns, 1))?;
+        z = z.reshape((b, rank, ns, rest))?.broadcast_mul(&ft)?.sum(2)?; // (B, R, rest)
+    }
+    let mut u = z.reshape((b, rank))?.broadcast_mul(&weights.reshape((1, rank))?)?.reshape((b, 1, rank))?;
+    // output side
+    let mut mm = 1;
+    for s in 0..k - 1 {
+        let a = &factors[2 * s]; // (m_s, R)
+        let ms = a.dims()[0];
+        u = u.unsqueeze(2)?.broadcast_mul(&a.reshape((1, 1, ms, rank))?)?.reshape((b, mm * ms, rank))?;
+        mm *= ms;
+    }
+    let last = &factors[2 * (k - 1)];
+    let y = u.reshape((b * mm, rank))?.matmul(&last.t()?)?;
+    y.reshape((b, m))
+}
+
+/// Builds the runtime layer for a factorization (quantized factors are dequantized on load).
+pub fn from_factorization(
+    f: &compactor_decomp::Factorization,
+    bias: Option<Tensor>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Linear> {
+    use compactor_decomp::Factorization as F;
+    let t = |fac: &compactor_decomp::Factor| -> Result<Tensor> {
+        Tensor::from_vec(fac.values().into_owned(), fac.shape.clone(), device)?.to_dtype(dtype)
+    };
+    Ok(match f {
+        F::Dense { weight, .. } => Linear::Dense { w: t(weight)?, bias },
+        F::LowRank { a, b, .. } => Linear::LowRank { a: t(a)?, b: t(b)?, bias },
+        F::Mpo { m, n, cores, .. } => Linear::Mpo { cores: cores.iter().map(t).collect::<Result<_>>()?, m: *m, n: *n, bias },
+        F::Tucker { m, n, core, factors, .. } => {
+            Linear::Tucker { core: t(core)?, factors: factors.iter().map(t).collect::<Result<_>>()?, m: *m, n: *n, bias }
+        }
+        F::Cp { m, n, weights, factors, .. } => Linear::Cp {
+            weights: Tensor::from_vec(weights.clone(), weights.len(), device)?.to_dtype(dtype)?,
+            factors: factors.iter().map(t).collect::<Result<_>>()?,
+            m: *m,
+            n: *n,
+            bias,
+        },
+    })
+}

@@ -1,0 +1,183 @@
+//! Plans, compression, saving, reloading, healing on the real granite-tiny fixture.
+
+mod common;
+use candle_core::{DType, Device};
+use common::*;
+use compactor_core::compressed::{CompressedModel, Manifest};
+use compactor_core::model::{linear_layers, Role};
+use compactor_core::pipeline::{compress, fit_layer, CompressOptions};
+use compactor_core::plan::{Calibration, Method, Plan};
+use compactor_core::progress::NoProgress;
+use compactor_core::{eval, Checkpoint, Model};
+
+fn heldout_windows(n: usize) -> Vec<Vec<u32>> {
+    let ck = Checkpoint::open(fixture("granite-tiny")).unwrap();
+    let path = corpus("gutenberg-heldout.txt");
+    let ids = ck.tokenizer().unwrap().encode(&eval::read_text(&path).unwrap()).unwrap();
+    eval::windows(&ids, 256, n, &path).unwrap()
+}
+
+fn ppl(model: &Model, wins: &[Vec<u32>]) -> f64 {
+    eval::perplexity(model, wins, 8, &NoProgress).unwrap().perplexity
+}
+
+fn ppl_of_dir(dir: &std::path::Path, wins: &[Vec<u32>]) -> f64 {
+    let cm = CompressedModel::open(dir).unwrap();
+    ppl(&Model::load(&cm, DType::F32, &Device::Cpu).unwrap(), wins)
+}
+
+fn calib_plan(method: Method, ratio: f64) -> Plan {
+    let mut p = Plan::simple(method, Some(ratio), None);
+    p.activation_aware = true;
+    p.calibration = Some(Calibration { text: shared().join("corpora/gutenberg/austen-sense.txt"), tokens: 8192, ctx: 256 });
+    p
+}
+
+#[test]
+fn reload_round_trip_gives_the_same_perplexity() {
+    let ck = Checkpoint::open(fixture("granite-tiny")).unwrap();
+    let plan = Plan::simple(Method::Svd, Some(0.5), None);
+    let specs = linear_layers(&ck.config);
+    let resolved = plan.resolve(&specs).unwrap();
+    // in memory, before saving
+    let mut model = Model::load(&ck, DType::F32, &Device::Cpu).unwrap();
+    for (s, r) in specs.iter().zip(&resolved) {
+        let f = fit_layer(&ck, s, r, None, DType::F32).unwrap().factorization.unwrap();
+        let slot = Role::ALL.iter().position(|x| *x == s.role).unwrap();
+        model.blocks[s.layer].linears[slot] = compactor_core::linear::from_factorization(&f, None, DType::F32, &Device::Cpu).unwrap();
+    }
+    let wins = heldout_windows(12);
+    let before = ppl(&model, &wins);
+    // saved with f32 factors, loaded back
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("svd");
+    let m = compress(&fixture("granite-tiny"), &plan, &dir, &CompressOptions { factor_dtype: Some(DType::F32), ..Default::default() }, &NoProgress).unwrap();
+    let after = ppl_of_dir(&dir, &wins);
+    assert!(((after - before) / before).abs() < 1e-6, "before {before} after {after}");
+    // half of the linear parameters went away
+    assert!((m.totals.linear_param_ratio - 0.5).abs() < 0.02, "{}", m.totals.linear_param_ratio);
+    assert_eq!(m.layers.len(), 42);
+    // the manifest parses back
+    let _: Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("compactor.json")).unwrap()).unwrap();
+}
+
+#[test]
+fn every_method_compresses_and_runs_on_its_factors() {
+    let wins = heldout_windows(4);
+    let out = tempfile::tempdir().unwrap();
+    let dense = ppl(&Model::load(&Checkpoint::open(fixture("granite-tiny")).unwrap(), DType::F32, &Device::Cpu).unwrap(), &wins);
+    for method in [Method::Tt, Method::Tucker, Method::Cp] {
+        let dir = out.path().join(method.name());
+        let m = compress(&fixture("granite-tiny"), &Plan::simple(method, Some(0.5), None), &dir, &CompressOptions::default(), &NoProgress).unwrap();
+        assert!(m.totals.linear_param_ratio <= 0.5 + 1e-9, "{method:?} kept {}", m.totals.linear_param_ratio);
+        assert!(m.totals.bytes < m.source.bytes, "{method:?}");
+        let p = ppl_of_dir(&dir, &wins);
+        assert!(p.is_finite() && p > dense, "{method:?}: {p} vs dense {dense}");
+        // the factor forward equals the dense reconstruction's forward
+        let cm = CompressedModel::open(&dir).unwrap();
+        let name = "model.layers.2.mlp.down_proj";
+        let lin = compactor_core::model::WeightSource::linear(&cm, name, DType::F32, &Device::Cpu).unwrap();
+        let x = candle_core::Tensor::randn(0f32, 1., (5, 768), &Device::Cpu).unwrap();
+        let y = lin.forward(&x).unwrap();
+        let w = lin.to_dense().unwrap();
+        let y2 = x.matmul(&w.t().unwrap()).unwrap();
+        assert!(rel_l2(&y, &y2) < 1e-5, "{method:?}");
+    }
+}
+
+#[test]
+fn activation_aware_beats_plain_svd_and_tt() {
+    let wins = heldout_windows(16);
+    let out = tempfile::tempdir().unwrap();
+    let mut res = vec![];
+    for (name, plan) in [
+        ("svd", Plan::simple(Method::Svd, Some(0.5), None)),
+        ("aa-svd", calib_plan(Method::Svd, 0.5)),
+        ("tt", Plan::simple(Method::Tt, Some(0.5), None)),
+        ("aa-tt", calib_plan(Method::Tt, 0.5)),
+    ] {
+        let dir = out.path().join(name);
+        compress(&fixture("granite-tiny"), &plan, &dir, &CompressOptions::default(), &NoProgress).unwrap();
+        res.push(ppl_of_dir(&dir, &wins));
+    }
+    assert!(res[1] < res[0], "aa-svd {} vs svd {}", res[1], res[0]);
+    assert!(res[3] < res[2], "aa-tt {} vs tt {}", res[3], res[2]);
+}
+
+#[test]
+fn healing_lowers_perplexity() {
+    let wins = heldout_windows(16);
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("svd");
+    compress(&fixture("granite-tiny"), &Plan::simple(Method::Svd, Some(0.5), None), &dir, &CompressOptions::default(), &NoProgress).unwrap();
+    let before = ppl_of_dir(&dir, &wins);
+    let healed = out.path().join("healed");
+    let opts = compactor_core::heal::HealOptions { steps: 30, lr: 3e-4, ctx: 128, batch: 4, dense_reference_steps: 1, ..Default::default() };
+    let (m, rep) = compactor_core::heal::heal(&dir, &shared().join("corpora/gutenberg/austen-sense.txt"), &healed, &opts, &NoProgress).unwrap();
+    let after = ppl_of_dir(&healed, &wins);
+    assert!(after < before, "healed {after} vs {before}");
+    assert_eq!(rep.losses.len(), 30);
+    assert!(m.heal.is_some());
+    assert!(rep.dense_step_seconds.is_some());
+}
+
+#[test]
+fn export_dense_writes_a_plain_checkpoint_with_the_same_logits() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("tt");
+    compress(&fixture("granite-tiny"), &Plan::simple(Method::Tt, Some(0.5), None), &dir, &CompressOptions { factor_dtype: Some(DType::F32), ..Default::default() }, &NoProgress).unwrap();
+    let hf = out.path().join("hf");
+    compactor_core::pipeline::export_dense(&dir, &hf, &NoProgress).unwrap();
+    assert!(!hf.join("compactor.json").exists());
+    let x = candle_core::Tensor::new(&[5u32, 17, 99, 1000, 3], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let a = Model::load(&CompressedModel::open(&dir).unwrap(), DType::F32, &Device::Cpu).unwrap().forward(&x, None).unwrap();
+    let b = Model::load(&Checkpoint::open(&hf).unwrap(), DType::F32, &Device::Cpu).unwrap().forward(&x, None).unwrap();
+    assert!(rel_l2(&b, &a) < 1e-4, "{}", rel_l2(&b, &a));
+}
+
+#[test]
+fn bad_plans_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("plan.json");
+    let specs = linear_layers(&Checkpoint::open(fixture("granite-tiny")).unwrap().config);
+    let cases: &[(&str, &str)] = &[
+        (r#"{"version": 1, "default": {"method": "wavelet"}}"#, "wavelet"),
+        (r#"{"version": 1, "target": {"param_ratio": 1.5}, "default": {"method": "svd"}}"#, "target.param_ratio"),
+        (r#"{"version": 1, "default": {"method": "svd", "ratio": 0.5}, "rules": [{"match": "model.layers.*.attn.*", "method": "tt"}]}"#, "matches no linear layer"),
+        (r#"{"version": 1, "default": {"method": "svd", "rank": 100000}}"#, "rank 100000"),
+        (r#"{"version": 1, "default": {"method": "svd", "ratio": 0.5}, "activation_aware": true}"#, "calibration"),
+        (r#"{"version": 2}"#, "version"),
+        (r#"{"version": 1, "default": {"method": "svd", "ratio": 0.5, "quant": {"bits": 3}}}"#, "quant.bits"),
+        (r#"not json"#, "invalid plan"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&p, text).unwrap();
+        let e = Plan::from_file(&p).and_then(|plan| plan.resolve(&specs).map(|_| ())).unwrap_err().to_string();
+        assert!(e.contains(want), "plan {text}: error `{e}` should mention `{want}`");
+    }
+    // calibration text that does not exist: named when the pipeline runs
+    let mut plan = calib_plan(Method::Svd, 0.5);
+    plan.calibration.as_mut().unwrap().text = dir.path().join("nope.txt");
+    let e = compress(&fixture("granite-tiny"), &plan, &dir.path().join("o"), &CompressOptions::default(), &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("nope.txt"), "{e}");
+    assert!(!dir.path().join("o").exists());
+    // writing into the source checkpoint is refused
+    let src = copy_fixture("granite-tiny");
+    let e = compress(src.path(), &Plan::simple(Method::Svd, Some(0.5), None), &src.path().join("out"), &CompressOptions::default(), &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("source"), "{e}");
+}
+
+#[test]
+fn energy_and_sensitivity_allocations_meet_the_budget() {
+    let out = tempfile::tempdir().unwrap();
+    for alloc in [compactor_core::plan::Allocation::Energy, compactor_core::plan::Allocation::Sensitivity] {
+        let mut plan = Plan::simple(Method::Svd, Some(0.5), None);
+        plan.allocation = alloc;
+        plan.calibration = Some(Calibration { text: shared().join("corpora/gutenberg/austen-sense.txt"), tokens: 1024, ctx: 256 });
+        let m = compress(&fixture("granite-tiny"), &plan, &out.path().join(format!("{alloc:?}")), &CompressOptions::default(), &NoProgress).unwrap();
+        assert!(m.totals.linear_param_ratio <= 0.505, "{alloc:?}: {}", m.totals.linear_param_ratio);
+        assert!(m.totals.linear_param_ratio >= 0.4, "{alloc:?}: {}", m.totals.linear_param_ratio);
+        let ranks: std::collections::BTreeSet<usize> = m.layers.iter().filter(|l| l.role == Role::Up).map(|l| l.ranks[0]).collect();
+        assert!(ranks.len() > 1, "{alloc:?}: the allocation should differ across layers");
+    }
+}

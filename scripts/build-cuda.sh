@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds the CUDA binary of `compactor` on this CPU-only machine, for the GPU machine
+# (driver 580 / CUDA 13.0, sm_90). Recipe: ../shared/docs/GPU.md. Output: .gpu/compactor
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+export CARGO_TARGET_DIR="$HOME/.cache/compactor/target-cuda"
+VENV="$HOME/.cache/compactor/cuda-venv"
+if [ ! -x "$VENV/bin/nvcc-ok" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-runtime==13.0.96" \
+    "nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl<13.1" "nvidia-cuda-nvrtc==13.0.88" "nvidia-nvvm<13.1" \
+    "nvidia-cublas==13.0.2.14" "nvidia-curand<10.4.1"
+  touch "$VENV/bin/nvcc-ok"; chmod +x "$VENV/bin/nvcc-ok"
+fi
+CU=$(echo "$VENV"/lib/python3*/site-packages/nvidia/cu13)
+LINK="$HOME/.cache/compactor/cuda-link"
+mkdir -p "$LINK"
+for lib in cublas cublasLt nvrtc cudart; do
+  f=$(ls "$CU"/lib/lib$lib.so.* | head -1); ln -sf "$f" "$LINK/lib$lib.so"
+done
+f=$(ls "$VENV"/lib/python3*/site-packages/nvidia/*/lib/libcurand.so.* "$CU"/lib/libcurand.so.* 2>/dev/null | head -1); ln -sf "$f" "$LINK/libcurand.so"
+# libcuda.so belongs to the driver: link against a stub that defines every cu* symbol cudarc uses.
+cargo fetch --locked >/dev/null 2>&1 || cargo fetch
+SYS=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-*/src/driver/sys | tail -1)
+if [ ! -f "$LINK/libcuda.so.1" ]; then
+  grep -ho 'pub unsafe fn cu[A-Za-z0-9_]*' "$SYS"/*.rs | sed 's/pub unsafe fn //' | sort -u \
+    | awk '{print "void " $1 "(void){}"}' > "$LINK/stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so.1" "$LINK/stub.c"
+  ln -sf libcuda.so.1 "$LINK/libcuda.so"
+fi
+export PATH=$CU/bin:$PATH CUDA_HOME=$CU CUDA_PATH=$CU CUDA_ROOT=$CU
+export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
+export LIBRARY_PATH=$LINK RUSTFLAGS="-L $LINK"
+cargo build --release --features cuda --bin compactor
+mkdir -p .gpu
+cp "$CARGO_TARGET_DIR/release/compactor" .gpu/compactor
+strip .gpu/compactor
+ls -la .gpu/compactor
