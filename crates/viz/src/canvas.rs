@@ -225,6 +225,13 @@ pub(crate) fn log_ticks(lo: f64, hi: f64, max_labels: usize) -> Vec<(f64, Option
     let e1 = hi.log10().ceil() as i32;
     let decades = (e1 - e0).max(1) as usize;
     let every = decades.div_ceil(max_labels.max(1)).max(1) as i32;
+    // A range holding fewer than two powers of ten (e.g. 0.06 .. 0.7) would show a
+    // single label: label 2× and 5× ticks too.
+    let powers_inside = (e0..=e1).filter(|&e| {
+        let v = 10f64.powi(e);
+        v >= lo * (1.0 - 1e-9) && v <= hi * (1.0 + 1e-9)
+    });
+    let few_powers = decades <= 1 || (powers_inside.count() < 2 && decades <= 3);
     let mut out = Vec::new();
     for e in e0..=e1 {
         for m in 1..10 {
@@ -234,7 +241,7 @@ pub(crate) fn log_ticks(lo: f64, hi: f64, max_labels: usize) -> Vec<(f64, Option
             }
             let label = if m == 1 && (e - e0) % every == 0 {
                 Some(fmt_pow10(e))
-            } else if decades <= 1 && (m == 2 || m == 5) {
+            } else if few_powers && (m == 2 || m == 5) {
                 Some(fmt_tick(v, v))
             } else {
                 None

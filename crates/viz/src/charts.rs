@@ -287,7 +287,7 @@ impl Renderer {
             let xt = fitting_x_ticks(c, xr.0, xr.1, rect.width(), true);
             let xt: Ticks = xt.into_iter().filter(|(v, _)| *v >= xr.0 - 1e-9).collect();
             let m = Mapping { rect, x: xr, y: (y0, y1), log_y: true };
-            draw_axes(c, &m, &xt, &yt, "singular value index i (1 = largest)", "singular value σᵢ");
+            draw_axes(c, &m, &xt, &yt, "singular value index i (1 = largest)", "singular value σ_i");
 
             c.set_clip(Some(rect));
             let width = if chart.series.len() > 8 { 1.2 } else { 1.8 };
@@ -443,8 +443,8 @@ impl Renderer {
             let cb_ticks: Ticks = if use_log {
                 log_ticks(10f64.powf(vmin), 10f64.powf(vmax), 6).into_iter().filter(|(_, l)| l.is_some()).map(|(v, l)| (v.log10(), l)).collect()
             } else {
-                let (vals, _) = linear_ticks(vmin, vmax, 5);
-                vals.into_iter().map(|v| (v, Some(fmt_value(v)))).collect()
+                let (vals, step) = linear_ticks(vmin, vmax, 5);
+                vals.into_iter().map(|v| (v, Some(fmt_tick(v, step)))).collect()
             };
             let cb_label_w = widest_label(c, &cb_ticks);
             let right = 16.0 + 14.0 + TICK_LEN + 4.0 + cb_label_w + 12.0;

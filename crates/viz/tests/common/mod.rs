@@ -99,7 +99,7 @@ pub fn layer_map() -> LayerMap {
 
 /// Error vs parameter ratio for four methods.
 pub fn curves() -> Curves {
-    let ratios = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
+    let ratios: [f64; 7] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
     let make = |label: &str, a: f64, p: f64| Line { label: label.into(), points: ratios.iter().map(|&x| (x, a * (1.0 - x).powf(p) + 0.002)).collect() };
     Curves {
         title: "Reconstruction error vs parameter ratio".into(),
