@@ -170,7 +170,7 @@ fn error_map(report: &Report) -> Option<LayerMap> {
         }
     }
     Some(LayerMap {
-        title: "Relative error ‖W − Ŵ‖ / ‖W‖".into(),
+        title: "Relative Frobenius error per layer".into(),
         row_labels: names.into_iter().map(|(_, s)| s).collect(),
         col_labels: cols.iter().map(|v| v.result.name.clone()).collect(),
         values,

@@ -15,7 +15,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    p.canonicalize().unwrap_or(p)
 }
 
 struct Fixture {
@@ -31,18 +32,36 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let (tmp, run_dir) = match std::env::var_os("COMPACTOR_REPORT_RUN_DIR") {
             Some(d) => (None, PathBuf::from(d)),
-            None => {
-                let tmp = tempfile::tempdir().unwrap();
-                let dir = tmp.path().join("run");
-                make_run(&dir);
-                (Some(tmp), dir)
-            }
+            None => match std::env::var_os("COMPACTOR_REPORT_OUT") {
+                // keep the run too, to look at it or to rerun against it
+                Some(keep) => {
+                    let dir = PathBuf::from(keep).join("run");
+                    if !dir.join("run.json").is_file() {
+                        make_run(&dir);
+                    }
+                    (None, dir)
+                }
+                None => {
+                    let tmp = tempfile::tempdir().unwrap();
+                    let dir = tmp.path().join("run");
+                    make_run(&dir);
+                    (Some(tmp), dir)
+                }
+            },
         };
         let summary: RunSummary = serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
         let report = build_report(&run_dir).expect("report builds");
         let out = tempfile::tempdir().unwrap();
         write_html(&report, &out.path().join("report.html")).unwrap();
         write_pdf(&report, &out.path().join("report.pdf")).unwrap();
+        // to look at the outputs: COMPACTOR_REPORT_OUT=/some/dir cargo test -p compactor-report
+        if let Some(keep) = std::env::var_os("COMPACTOR_REPORT_OUT") {
+            let keep = PathBuf::from(keep);
+            std::fs::create_dir_all(&keep).unwrap();
+            for n in ["report.html", "report.pdf"] {
+                std::fs::copy(out.path().join(n), keep.join(n)).unwrap();
+            }
+        }
         Fixture { _tmp: tmp, run_dir, summary, report, out }
     })
 }
