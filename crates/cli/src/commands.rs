@@ -262,7 +262,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let s = run::demo(&o, &Bar::new(false))?;
     print_summary(&s);
-    println!("\nwrote {} in {:.0} s", a.out.join("run.json").display(), t0.elapsed().as_secs_f64());
+    let (html, pdf) = (a.out.join("report.html"), a.out.join("report.pdf"));
+    compactor_report::write_report(&a.out, Some(&html), Some(&pdf))?;
+    println!("\nwrote {}, {} and {} in {:.0} s", a.out.join("run.json").display(), html.display(), pdf.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 

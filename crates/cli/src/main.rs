@@ -102,6 +102,14 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Write the HTML and/or PDF report of a run directory (what `demo` writes).
+    Report {
+        run_dir: PathBuf,
+        #[arg(long)]
+        html: Option<PathBuf>,
+        #[arg(long)]
+        pdf: Option<PathBuf>,
+    },
     /// Write a synthetic checkpoint with real shapes (granite-8b, llama-200mb) for benchmarks.
     Synth {
         #[arg(long, default_value = "llama-200mb")]
@@ -289,6 +297,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Heal { dir, text, steps, lr, ctx, batch, norms, device, out } => commands::heal(dir, text, steps, lr, ctx, batch, norms, device, out),
         Cmd::Demo(a) => commands::demo(a),
+        Cmd::Report { run_dir, html, pdf } => {
+            if html.is_none() && pdf.is_none() {
+                anyhow::bail!("give --html FILE and/or --pdf FILE");
+            }
+            compactor_report::write_report(&run_dir, html.as_deref(), pdf.as_deref())?;
+            for p in [html, pdf].into_iter().flatten() {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
+        }
         Cmd::Synth { preset, tokenizer, device, out } => {
             let sc = match preset.as_str() {
                 "granite-8b" => compactor_core::synth::SynthConfig::granite_8b(),

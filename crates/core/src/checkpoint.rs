@@ -318,6 +318,7 @@ impl safetensors::View for &OwnedTensor {
 impl OwnedTensor {
     /// An f32 tensor from a candle tensor (any float dtype), or in `dtype` (BF16/F16/F32).
     pub fn from_tensor(name: impl Into<String>, t: &Tensor, dtype: DType) -> Result<Self> {
+        let shape = t.dims().to_vec();
         let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
         let (st, data) = match dtype {
             DType::F32 => (safetensors::Dtype::F32, t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
@@ -325,7 +326,7 @@ impl OwnedTensor {
             DType::F16 => (safetensors::Dtype::F16, t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
             other => return Err(Error::Invalid(format!("cannot write dtype {other:?}"))),
         };
-        Ok(OwnedTensor { name: name.into(), dtype: st, shape: t.dims().to_vec(), data })
+        Ok(OwnedTensor { name: name.into(), dtype: st, shape, data })
     }
     pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, v: &[f32]) -> Self {
         OwnedTensor { name: name.into(), dtype: safetensors::Dtype::F32, shape, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }

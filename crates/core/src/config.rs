@@ -100,7 +100,7 @@ impl ModelConfig {
     /// Parses the text of a `config.json`; the error is a message without the path.
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
         let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| format!("not a valid config.json: {e}"))?;
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON for a config.json: {e}"))?;
         let model_type = raw
             .model_type
             .clone()

@@ -266,6 +266,8 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
     let mut opts = FactorizeOptions::new(to_dc_method(r.method), rank_choice(r));
     opts.sites = sites_for(spec, r.sites);
     opts.quant = r.quant.as_ref().map(to_dc_quant);
+    opts.max_iters = 25;
+    opts.tol = 1e-4;
     let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
     let wm = dc::from_row_major(m, n, &w);
     let (f, iters) = match gram {

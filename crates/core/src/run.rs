@@ -145,11 +145,16 @@ pub fn demo(o: &DemoOptions, progress: &dyn Progress) -> Result<RunSummary> {
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let calib = Calibration { text: o.calib_text.clone(), tokens: 16384, ctx: 256 };
     let mut plans: Vec<(&str, Plan)> = Vec::new();
+    // tensor networks on 2 sites: at this model's sizes (256, 768) 4 sites leave bonds too thin
+    let sites = |m: Method| if m == Method::Svd { None } else { Some(2) };
     for (name, m) in [("svd", Method::Svd), ("tt", Method::Tt), ("tucker", Method::Tucker), ("cp", Method::Cp)] {
-        plans.push((name, Plan::simple(m, Some(o.ratio), None)));
+        let mut p = Plan::simple(m, Some(o.ratio), None);
+        p.default.sites = sites(m);
+        plans.push((name, p));
     }
     for (name, m) in [("aa-svd", Method::Svd), ("aa-tt", Method::Tt)] {
         let mut p = Plan::simple(m, Some(o.ratio), None);
+        p.default.sites = sites(m);
         p.activation_aware = true;
         p.calibration = Some(calib.clone());
         plans.push((name, p));
