@@ -110,10 +110,13 @@ fn sqrt_and_inv(c: &[f64], n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let s = evd.S().column_vector();
     let u = evd.U();
     let lmax = (0..n).map(|i| s[i]).fold(0f64, f64::max).max(1e-30);
+    // damping (as GPTQ's percdamp): directions the calibration text barely used still count, so
+    // that the fit does not trade them away for a lower calibration error
+    let damp = 0.01 * (0..n).map(|i| s[i].max(0.0)).sum::<f64>() / n as f64;
     let mut sq = Mat::<f64>::zeros(n, n);
     let mut inv = Mat::<f64>::zeros(n, n);
     for k in 0..n {
-        let l = s[k].max(1e-6 * lmax);
+        let l = s[k].max(1e-6 * lmax) + damp;
         let (a, b) = (l.sqrt(), 1.0 / l.sqrt());
         for i in 0..n {
             let ui = u[(i, k)];
