@@ -172,6 +172,18 @@ impl Checkpoint {
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
+    /// A byte-for-byte copy of a floating-point tensor, to write into another file unchanged.
+    pub fn copy_tensor(&self, name: &str) -> Result<OwnedTensor> {
+        let (info, bytes, path) = self.raw(name)?;
+        let dtype = match info.dtype.as_str() {
+            "BF16" => safetensors::Dtype::BF16,
+            "F16" => safetensors::Dtype::F16,
+            "F32" => safetensors::Dtype::F32,
+            other => return Err(Error::bad(path, format!("tensor `{name}` has unsupported dtype {other}"))),
+        };
+        Ok(OwnedTensor { name: name.to_string(), dtype, shape: info.shape.clone(), data: bytes.to_vec() })
+    }
+
     /// A 2-D tensor as row-major f32 (rows, cols, data).
     pub fn matrix_f32(&self, name: &str) -> Result<(usize, usize, Vec<f32>)> {
         let t = self.tensor(name, DType::F32, &Device::Cpu)?;

@@ -200,15 +200,7 @@ pub fn heal(dir: &Path, text: &Path, out: &Path, opts: &HealOptions, progress: &
                     let dt = crate::checkpoint::float_dtype(&info.dtype).unwrap_or(DType::F32);
                     writer.add(crate::checkpoint::OwnedTensor::from_tensor(&info.name, t, dt)?)?
                 }
-                _ => {
-                    let (info, bytes, _) = cm.ckpt.raw(&info.name)?;
-                    let dtype = match info.dtype.as_str() {
-                        "BF16" => safetensors::Dtype::BF16,
-                        "F16" => safetensors::Dtype::F16,
-                        _ => safetensors::Dtype::F32,
-                    };
-                    writer.add(crate::checkpoint::OwnedTensor { name: info.name.clone(), dtype, shape: info.shape.clone(), data: bytes.to_vec() })?
-                }
+                _ => writer.add(cm.ckpt.copy_tensor(&info.name)?)?,
             }
         }
         let mut manifest = cm.manifest.clone();

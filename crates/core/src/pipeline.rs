@@ -482,14 +482,7 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
             if compressed.contains(&info.name) {
                 continue;
             }
-            let (info, bytes, _) = ck.raw(&info.name)?;
-            let dtype = match info.dtype.as_str() {
-                "BF16" => safetensors::Dtype::BF16,
-                "F16" => safetensors::Dtype::F16,
-                "F32" => safetensors::Dtype::F32,
-                other => return Err(Error::bad(crate::model::WeightSource::origin(&ck), format!("tensor `{}` has unsupported dtype {other}", info.name))),
-            };
-            writer.add(OwnedTensor { name: info.name.clone(), dtype, shape: info.shape.clone(), data: bytes.to_vec() })?;
+            writer.add(ck.copy_tensor(&info.name)?)?;
             ck.release(&info.name);
         }
         progress.start("compress", specs.len() as u64);
@@ -645,13 +638,7 @@ pub fn export_dense(dir: &Path, out: &Path, progress: &dyn Progress) -> Result<(
             if info.name.contains(crate::compressed::FACTOR_INFIX) {
                 continue;
             }
-            let (info, bytes, _) = cm.ckpt.raw(&info.name)?;
-            let dt = match info.dtype.as_str() {
-                "BF16" => safetensors::Dtype::BF16,
-                "F16" => safetensors::Dtype::F16,
-                _ => safetensors::Dtype::F32,
-            };
-            w.add(OwnedTensor { name: info.name.clone(), dtype: dt, shape: info.shape.clone(), data: bytes.to_vec() })?;
+            w.add(cm.ckpt.copy_tensor(&info.name)?)?;
         }
         progress.start("export", cm.manifest.layers.len() as u64);
         for l in &cm.manifest.layers {
