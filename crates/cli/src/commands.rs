@@ -144,7 +144,7 @@ fn build_plan(method: &str, ratio: Option<f64>, quant: Option<&str>, allocation:
     let mut plan = Plan::simple(m, ratio, quant.map(QuantSpec::parse).transpose()?);
     plan.allocation = parse_allocation(allocation)?;
     plan.activation_aware = aa;
-    plan.calibration = calib.map(|p| Calibration { text: p.to_path_buf(), tokens: calib_tokens, ctx: 256 });
+    plan.calibration = calib.map(|p| Calibration::new(p, calib_tokens));
     plan.rules = rules.iter().map(|r| parse_rule(r)).collect::<Result<_>>()?;
     plan.validate()?;
     Ok(plan)
@@ -189,7 +189,14 @@ pub fn compress(a: CompressArgs) -> Result<()> {
         (None, None) => bail!("give --plan plan.json or --method svd|tt|tucker|cp --ratio P"),
     };
     let dev = compactor_core::device(&a.device)?;
-    let opts = pipeline::CompressOptions { device: dev, shard_bytes: a.shard_mb << 20, ..Default::default() };
+    let factor_dtype = match a.factor_dtype.as_deref() {
+        None => None,
+        Some("f32") => Some(candle_core::DType::F32),
+        Some("bf16") => Some(candle_core::DType::BF16),
+        Some("f16") => Some(candle_core::DType::F16),
+        Some(o) => bail!("--factor-dtype: unknown dtype `{o}` (expected f32, bf16 or f16)"),
+    };
+    let opts = pipeline::CompressOptions { device: dev, shard_bytes: a.shard_mb << 20, factor_dtype, ..Default::default() };
     let t0 = Instant::now();
     let bar = Bar::new(a.json);
     let m = pipeline::compress(&a.model, &plan, &a.out, &opts, &bar)?;
@@ -203,6 +210,10 @@ pub fn compress(a: CompressArgs) -> Result<()> {
         println!("  bytes         {} of {} ({:.1}%)", m.totals.bytes, m.source.bytes, 100.0 * m.totals.byte_ratio);
         let mean = m.layers.iter().map(|l| l.rel_error).sum::<f64>() / m.layers.len().max(1) as f64;
         println!("  mean relative error over {} layers: {mean:.4}", m.layers.len());
+        let act: Vec<f64> = m.layers.iter().filter_map(|l| l.act_error).collect();
+        if !act.is_empty() {
+            println!("  mean activation error (calibration inputs): {:.4}", act.iter().sum::<f64>() / act.len() as f64);
+        }
         if let Some(r) = rss {
             println!("  peak RSS      {:.1} MiB", r as f64 / (1u64 << 20) as f64);
         }
@@ -247,7 +258,33 @@ fn assets_dir() -> Result<PathBuf> {
 pub fn demo(a: DemoArgs) -> Result<()> {
     let assets = assets_dir()?;
     if a.gui {
-        bail!("the desktop app is not built yet in this version; run `scripts/demo.sh` without --gui for the headless run");
+        // the desktop app (src-tauri/): $COMPACTOR_APP, else `compactor-app` next to this executable
+        let model = assets.join("models/granite-tiny");
+        let model = model.canonicalize().unwrap_or(model);
+        let app = match std::env::var_os("COMPACTOR_APP").filter(|v| !v.is_empty()) {
+            Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
+            Some(p) => bail!("COMPACTOR_APP={} is not a file: build the desktop app with `scripts/demo.sh --gui`", Path::new(&p).display()),
+            None => match std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("compactor-app"))).filter(|p| p.is_file()) {
+                Some(p) => p,
+                None => bail!("the desktop app is not built: run `scripts/demo.sh --gui` (it builds ui/ and src-tauri/, then opens the app on the bundled model)"),
+            },
+        };
+        let mut cmd = std::process::Command::new(&app);
+        cmd.arg("--open").arg(&model);
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            let e = cmd.exec();
+            bail!("could not start the desktop app {}: {e}", app.display());
+        }
+        #[cfg(not(unix))]
+        {
+            let st = cmd.status().with_context(|| format!("could not start the desktop app {}", app.display()))?;
+            if !st.success() {
+                bail!("the desktop app {} exited with {st}", app.display());
+            }
+            return Ok(());
+        }
     }
     let dev = compactor_core::device(&a.device)?;
     let o = run::DemoOptions {

@@ -237,27 +237,74 @@ pub fn fingerprint(ck: &Checkpoint) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Writes tensors into shards of at most `budget` bytes as they come, so that memory stays near
-/// one shard. `finish` names them as Hugging Face does (`model.safetensors` when there is one).
+/// Writes tensors into safetensors shards of about `budget` bytes without holding them: each
+/// tensor's bytes go to a spill file as they arrive; closing a shard streams them, one tensor at
+/// a time, behind the header. Peak memory is one tensor, whatever the shard size. `finish` names
+/// the shards as Hugging Face does (`model.safetensors` when there is one).
 pub struct ShardWriter {
     dir: PathBuf,
     budget: usize,
-    pending: Vec<OwnedTensor>,
+    spill: Option<(PathBuf, std::fs::File)>,
+    pending: Vec<Spilled>,
     pending_bytes: usize,
     written: Vec<(PathBuf, Vec<String>)>,
 }
 
+struct Spilled {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    offset: u64,
+    len: usize,
+}
+
+/// A spilled tensor read back when the serializer asks for its bytes. A read error is kept
+/// (the View trait cannot return one) and turned into an error after the shard is written.
+struct SpillView<'a> {
+    t: &'a Spilled,
+    file: &'a std::fs::File,
+    failed: &'a std::cell::RefCell<Option<std::io::Error>>,
+}
+
+impl safetensors::View for SpillView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.t.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.t.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; self.t.len];
+        if let Err(e) = self.file.read_exact_at(&mut buf, self.t.offset) {
+            self.failed.borrow_mut().get_or_insert(e);
+        }
+        std::borrow::Cow::Owned(buf)
+    }
+    fn data_len(&self) -> usize {
+        self.t.len
+    }
+}
+
 impl ShardWriter {
     pub fn new(dir: &Path, budget: usize) -> Self {
-        ShardWriter { dir: dir.to_path_buf(), budget: budget.max(1), pending: vec![], pending_bytes: 0, written: vec![] }
+        ShardWriter { dir: dir.to_path_buf(), budget: budget.max(1), spill: None, pending: vec![], pending_bytes: 0, written: vec![] }
     }
 
     pub fn add(&mut self, t: OwnedTensor) -> Result<()> {
+        use std::io::Write;
         if self.pending_bytes + t.data.len() > self.budget && !self.pending.is_empty() {
             self.flush()?;
         }
+        if self.spill.is_none() {
+            let path = self.dir.join(format!(".spill-{:05}", self.written.len() + 1));
+            let f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+            self.spill = Some((path, f));
+        }
+        let (path, file) = self.spill.as_mut().unwrap();
+        file.write_all(&t.data).map_err(|e| Error::io(&*path, e))?;
+        self.pending.push(Spilled { name: t.name, dtype: t.dtype, shape: t.shape, offset: self.pending_bytes as u64, len: t.data.len() });
         self.pending_bytes += t.data.len();
-        self.pending.push(t);
         Ok(())
     }
 
@@ -265,7 +312,20 @@ impl ShardWriter {
         let path = self.dir.join(format!("shard-{:05}.safetensors", self.written.len() + 1));
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
-        crate::checkpoint::write_safetensors(&path, &self.pending, Some(meta))?;
+        let failed = std::cell::RefCell::new(None);
+        match self.spill.take() {
+            Some((spill_path, file)) => {
+                let views = self.pending.iter().map(|t| (t.name.clone(), SpillView { t, file: &file, failed: &failed }));
+                safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::bad(&path, format!("cannot write: {e}")))?;
+                if let Some(e) = failed.into_inner() {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(Error::io(&spill_path, e));
+                }
+                drop(file);
+                std::fs::remove_file(&spill_path).map_err(|e| Error::io(&spill_path, e))?;
+            }
+            None => crate::checkpoint::write_safetensors(&path, &[], Some(meta))?,
+        }
         self.written.push((path, self.pending.iter().map(|t| t.name.clone()).collect()));
         self.pending.clear();
         self.pending_bytes = 0;

@@ -104,15 +104,17 @@ pub fn collect_grams(ck: &Checkpoint, windows: &[Vec<u32>], device: &Device, pro
 
 /// Symmetric square root of a PSD matrix and its inverse, eigenvalues floored at
 /// `1e-6·λ_max` (n × n row-major f64).
-fn sqrt_and_inv(c: &[f64], n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+fn sqrt_and_inv(c: &[f64], n: usize, damping: f64) -> Result<(Vec<f64>, Vec<f64>)> {
     let cm = faer::MatRef::from_row_major_slice(c, n, n);
     let evd = cm.self_adjoint_eigen(Side::Lower).map_err(|e| Error::Invalid(format!("eigendecomposition of the input covariance failed: {e:?}")))?;
     let s = evd.S().column_vector();
     let u = evd.U();
     let lmax = (0..n).map(|i| s[i]).fold(0f64, f64::max).max(1e-30);
-    // damping (as GPTQ's percdamp): directions the calibration text barely used still count, so
-    // that the fit does not trade them away for a lower calibration error
-    let damp = 0.01 * (0..n).map(|i| s[i].max(0.0)).sum::<f64>() / n as f64;
+    // damping (C + damping·mean(λ)·I, as GPTQ's percdamp but stronger): directions the calibration
+    // text barely used still count, so that the fit does not trade them away for a lower
+    // calibration error. Measured on granite-tiny (svd, half the parameters, ppl on held-out text):
+    // damping 0.01 → 82.0, 0.1 → 78.8, 1.0 → 76.5; plain svd 78.4.
+    let damp = damping * (0..n).map(|i| s[i].max(0.0)).sum::<f64>() / n as f64;
     let mut sq = Mat::<f64>::zeros(n, n);
     let mut inv = Mat::<f64>::zeros(n, n);
     for k in 0..n {
@@ -170,13 +172,13 @@ fn factor_mode(f: &Factor, axis: usize, mat: &[f64]) -> Result<Factor> {
 }
 
 /// Activation-aware factorization: fit the whitened W·S, then fold S⁻¹ back into the factors.
-fn factorize_whitened(w: &[f32], spec: &LinearSpec, opts: &FactorizeOptions, gram: &[f64]) -> Result<(Factorization, usize)> {
+fn factorize_whitened(w: &[f32], spec: &LinearSpec, opts: &FactorizeOptions, gram: &[f64], damping: f64) -> Result<(Factorization, usize)> {
     let (m, n) = (spec.out_features, spec.in_features);
     let mut fit = opts.clone();
     fit.quant = None;
     let (f, iters) = match opts.method {
         dc::Method::Svd => {
-            let (s, sinv) = sqrt_and_inv(gram, n)?;
+            let (s, sinv) = sqrt_and_inv(gram, n, damping)?;
             let ws = right_kron(w, m, &[n], &[s])?;
             let (f, rep) = dc::factorize_report(dc::from_row_major(m, n, &ws).as_ref(), &fit)?;
             let Factorization::LowRank { m, n, a, b } = f else { unreachable!("svd gives a low-rank factorization") };
@@ -188,7 +190,7 @@ fn factorize_whitened(w: &[f32], spec: &LinearSpec, opts: &FactorizeOptions, gra
             let mut s = Vec::new();
             let mut sinv = Vec::new();
             for t in 0..cols.len() {
-                let (a, b) = sqrt_and_inv(&site_marginal(gram, &cols, t), cols[t])?;
+                let (a, b) = sqrt_and_inv(&site_marginal(gram, &cols, t), cols[t], damping)?;
                 s.push(a);
                 sinv.push(b);
             }
@@ -261,7 +263,9 @@ pub struct Fitted {
 }
 
 /// Factorizes one layer as `r` says (no writing).
-pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option<&Grams>, factor_dtype: DType) -> Result<Fitted> {
+/// `whiten`: the damping of an activation-aware fit (None: fit W itself; `grams` then only
+/// measure the activation error).
+pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option<&Grams>, whiten: Option<f64>, factor_dtype: DType) -> Result<Fitted> {
     let t0 = Instant::now();
     let wname = format!("{}.weight", spec.name);
     let (m, n, w) = ck.matrix_f32(&wname)?;
@@ -274,7 +278,7 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
     let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
     let wm = dc::from_row_major(m, n, &w);
     let (f, iters) = match gram {
-        Some(c) if r.method != Method::Dense => factorize_whitened(&w, spec, &opts, c)?,
+        Some(c) if whiten.is_some() && r.method != Method::Dense => factorize_whitened(&w, spec, &opts, c, whiten.unwrap_or(1.0))?,
         _ => {
             let (f, rep) = dc::factorize_report(wm.as_ref(), &opts)?;
             (f, rep.iterations)
@@ -378,7 +382,7 @@ pub fn allocate(
             for &i in &idx {
                 check(progress)?;
                 let spec = &specs[i];
-                let fitted = fit_layer(ck, spec, &resolved[i], None, DType::F32)?;
+                let fitted = fit_layer(ck, spec, &resolved[i], None, None, DType::F32)?;
                 let lin = crate::linear::from_factorization(fitted.factorization.as_ref().unwrap(), None, DType::F32, device)?;
                 let mut probe = model.clone();
                 let slot = crate::model::Role::ALL.iter().position(|r| *r == spec.role).unwrap();
@@ -462,11 +466,14 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
     let specs: Vec<LinearSpec> = linear_layers(&ck.config).into_iter().filter(|s| ck.contains(&format!("{}.weight", s.name))).collect();
     let mut resolved = plan.resolve(&specs)?;
     let calib = calibration_windows(&ck, plan)?;
-    let grams = match (&calib, plan.activation_aware) {
-        (Some(w), true) => Some(collect_grams(&ck, w, &opts.device, progress)?),
-        _ => None,
+    // with calibration text every layer's error on its real inputs is measured; the fit is
+    // whitened by those inputs only when the plan is activation-aware
+    let grams = match &calib {
+        Some(w) => Some(collect_grams(&ck, w, &opts.device, progress)?),
+        None => None,
     };
     let scores = allocate(&ck, plan, &specs, &mut resolved, calib.as_deref(), &opts.device, progress)?;
+    let whiten = plan.calibration.as_ref().filter(|_| plan.activation_aware).map(|c| c.damping);
     let src_dtype = ck.info(&format!("{}.weight", specs[0].name)).and_then(|i| crate::checkpoint::float_dtype(&i.dtype)).unwrap_or(DType::F32);
     let factor_dtype = opts.factor_dtype.unwrap_or(if src_dtype == DType::F32 { DType::F32 } else { DType::BF16 });
 
@@ -493,7 +500,7 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
                 progress.inc(1, &spec.name);
                 continue;
             }
-            let fitted = fit_layer(&ck, spec, r, grams.as_ref(), factor_dtype)?;
+            let fitted = fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)?;
             for t in factor_tensors(&spec.name, fitted.factorization.as_ref().unwrap(), factor_dtype) {
                 writer.add(t)?;
             }

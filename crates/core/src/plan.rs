@@ -12,7 +12,7 @@
 //!   ],
 //!   "allocation": "uniform",
 //!   "activation_aware": false,
-//!   "calibration": { "text": "calib.txt", "tokens": 8192, "ctx": 256 },
+//!   "calibration": { "text": "calib.txt", "tokens": 8192, "ctx": 256, "damping": 1.0 },
 //!   "healing": { "text": "heal.txt", "steps": 50, "lr": 1e-4 }
 //! }
 //! ```
@@ -146,6 +146,17 @@ pub struct Calibration {
     pub tokens: usize,
     #[serde(default = "default_ctx")]
     pub ctx: usize,
+    /// Activation-aware fits whiten by C + damping·mean(λ(C))·I, C the inputs' covariance.
+    #[serde(default = "default_damping")]
+    pub damping: f64,
+}
+impl Calibration {
+    pub fn new(text: impl Into<PathBuf>, tokens: usize) -> Calibration {
+        Calibration { text: text.into(), tokens, ctx: default_ctx(), damping: default_damping() }
+    }
+}
+fn default_damping() -> f64 {
+    1.0
 }
 fn default_tokens() -> usize {
     8192
@@ -266,6 +277,9 @@ impl Plan {
         if let Some(c) = &self.calibration {
             if c.tokens < c.ctx || c.ctx < 2 {
                 return bad(format!("calibration.tokens ({}) must be at least calibration.ctx ({}) and ctx at least 2", c.tokens, c.ctx));
+            }
+            if !(c.damping >= 0.0 && c.damping.is_finite()) {
+                return bad(format!("calibration.damping ({}) must be a finite number ≥ 0", c.damping));
             }
         }
         if let Some(h) = &self.healing {

@@ -143,7 +143,7 @@ pub struct DemoOptions {
 /// evaluate everything, write `run.json` under `out`.
 pub fn demo(o: &DemoOptions, progress: &dyn Progress) -> Result<RunSummary> {
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
-    let calib = Calibration { text: o.calib_text.clone(), tokens: 16384, ctx: 256 };
+    let calib = Calibration::new(o.calib_text.clone(), 16384);
     let mut plans: Vec<(&str, Plan)> = Vec::new();
     // tensor networks on 2 sites: at this model's sizes (256, 768) 4 sites leave bonds too thin
     let sites = |m: Method| if m == Method::Svd { None } else { Some(2) };

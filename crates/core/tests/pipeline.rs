@@ -29,7 +29,7 @@ fn ppl_of_dir(dir: &std::path::Path, wins: &[Vec<u32>]) -> f64 {
 fn calib_plan(method: Method, ratio: f64) -> Plan {
     let mut p = Plan::simple(method, Some(ratio), None);
     p.activation_aware = true;
-    p.calibration = Some(Calibration { text: shared().join("corpora/gutenberg/austen-sense.txt"), tokens: 8192, ctx: 256 });
+    p.calibration = Some(Calibration::new(shared().join("corpora/gutenberg/austen-sense.txt"), 8192));
     p
 }
 
@@ -42,7 +42,7 @@ fn reload_round_trip_gives_the_same_perplexity() {
     // in memory, before saving
     let mut model = Model::load(&ck, DType::F32, &Device::Cpu).unwrap();
     for (s, r) in specs.iter().zip(&resolved) {
-        let f = fit_layer(&ck, s, r, None, DType::F32).unwrap().factorization.unwrap();
+        let f = fit_layer(&ck, s, r, None, None, DType::F32).unwrap().factorization.unwrap();
         let slot = Role::ALL.iter().position(|x| *x == s.role).unwrap();
         model.blocks[s.layer].linears[slot] = compactor_core::linear::from_factorization(&f, None, DType::F32, &Device::Cpu).unwrap();
     }
@@ -88,20 +88,26 @@ fn every_method_compresses_and_runs_on_its_factors() {
 }
 
 #[test]
-#[ignore = "fails as of 2026-11-27: undamped whitening gave aa-svd ppl 83.8 vs plain svd 79.7 on 16 held-out windows; damping added since, not yet re-measured"]
 fn activation_aware_beats_plain_svd_and_tt() {
     let wins = heldout_windows(16);
     let out = tempfile::tempdir().unwrap();
     let mut res = vec![];
+    // tt on 2 sites, as the demo: on this model's 256 × 768 matrices 4 sites at half the
+    // parameters leave bonds so thin that plain tt's perplexity is in the millions
+    let two_sites = |mut p: Plan| {
+        p.default.sites = Some(2);
+        p
+    };
     for (name, plan) in [
         ("svd", Plan::simple(Method::Svd, Some(0.5), None)),
         ("aa-svd", calib_plan(Method::Svd, 0.5)),
-        ("tt", Plan::simple(Method::Tt, Some(0.5), None)),
-        ("aa-tt", calib_plan(Method::Tt, 0.5)),
+        ("tt", two_sites(Plan::simple(Method::Tt, Some(0.5), None))),
+        ("aa-tt", two_sites(calib_plan(Method::Tt, 0.5))),
     ] {
         let dir = out.path().join(name);
         compress(&fixture("granite-tiny"), &plan, &dir, &CompressOptions::default(), &NoProgress).unwrap();
         res.push(ppl_of_dir(&dir, &wins));
+        eprintln!("{name}: ppl {:.3}", res.last().unwrap());
     }
     assert!(res[1] < res[0], "aa-svd {} vs svd {}", res[1], res[0]);
     assert!(res[3] < res[2], "aa-tt {} vs tt {}", res[3], res[2]);
@@ -176,7 +182,7 @@ fn energy_and_sensitivity_allocations_meet_the_budget() {
     for alloc in [compactor_core::plan::Allocation::Energy, compactor_core::plan::Allocation::Sensitivity] {
         let mut plan = Plan::simple(Method::Svd, Some(0.5), None);
         plan.allocation = alloc;
-        plan.calibration = Some(Calibration { text: shared().join("corpora/gutenberg/austen-sense.txt"), tokens: 1024, ctx: 256 });
+        plan.calibration = Some(Calibration::new(shared().join("corpora/gutenberg/austen-sense.txt"), 1024));
         let m = compress(&fixture("granite-tiny"), &plan, &out.path().join(format!("{alloc:?}")), &CompressOptions::default(), &NoProgress).unwrap();
         assert!(m.totals.linear_param_ratio <= 0.505, "{alloc:?}: {}", m.totals.linear_param_ratio);
         assert!(m.totals.linear_param_ratio >= 0.4, "{alloc:?}: {}", m.totals.linear_param_ratio);
