@@ -32,8 +32,10 @@ fi
 export PATH=$CU/bin:$PATH CUDA_HOME=$CU CUDA_PATH=$CU CUDA_ROOT=$CU
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export LIBRARY_PATH=$LINK RUSTFLAGS="-L $LINK"
-cargo build --release --features cuda --bin compactor
+cargo build --release -p compactor-cli --features cuda --bin compactor
 mkdir -p .gpu
 cp "$CARGO_TARGET_DIR/release/compactor" .gpu/compactor
 strip .gpu/compactor
-ls -la .gpu/compactor
+# the working tree sent to the GPU machine is limited to 64 MiB: send it compressed
+xz -T2 -6 -f .gpu/compactor
+ls -la .gpu/compactor.xz

@@ -3,6 +3,7 @@
 
 mod commands;
 mod progress;
+mod render;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -119,9 +120,14 @@ enum Cmd {
         tokenizer: Option<PathBuf>,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Fewer (or more) decoder layers than the preset, same shapes.
+        #[arg(long)]
+        layers: Option<usize>,
         #[arg(long)]
         out: PathBuf,
     },
+    /// Draw a chart (spectra, heatmap, layer-map, curves) to a PNG with the wgpu renderer.
+    Render(render::RenderArgs),
     /// Greedy text generation, for a human check.
     Generate {
         model: PathBuf,
@@ -138,6 +144,19 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Error heatmap of a ROWS × COLS matrix: wgpu against a plain CPU loop, same image.
+    Heatmap {
+        #[arg(long, default_value_t = 12800)]
+        rows: usize,
+        #[arg(long, default_value_t = 4096)]
+        cols: usize,
+        #[arg(long, default_value_t = 1024)]
+        width: u32,
+        #[arg(long, default_value_t = 768)]
+        height: u32,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Decode tokens/s of compressed models against the dense one, same run, same device.
     Decode {
         /// The dense model.
@@ -323,17 +342,23 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Synth { preset, tokenizer, device, out } => {
-            let sc = match preset.as_str() {
+        Cmd::Synth { preset, tokenizer, device, layers, out } => {
+            let mut sc = match preset.as_str() {
                 "granite-8b" => compactor_core::synth::SynthConfig::granite_8b(),
                 "llama-200mb" => compactor_core::synth::SynthConfig::llama_200mb(),
                 other => anyhow::bail!("unknown preset `{other}` (granite-8b, llama-200mb)"),
             };
+            if let Some(l) = layers {
+                anyhow::ensure!(l > 0, "--layers must be at least 1");
+                sc.layers = l;
+            }
             compactor_core::synth::write_synthetic(&out, &sc, tokenizer.as_deref(), &compactor_core::device(&device)?, &Bar::new(false))?;
             println!("wrote {}", out.display());
             Ok(())
         }
+        Cmd::Render(a) => render::render(a),
         Cmd::Bench { what } => match what {
+            BenchCmd::Heatmap { rows, cols, width, height, runs } => render::bench_heatmap(rows, cols, width, height, runs),
             BenchCmd::Decode { dense, compressed, prompt_tokens, tokens, repeats, device, dtype } => {
                 commands::bench_decode(dense, compressed, prompt_tokens, tokens, repeats, device, dtype)
             }

@@ -122,3 +122,43 @@ fn sigkill_mid_write_leaves_the_source_untouched_and_nothing_loadable() {
     }
     assert!(seen >= 1, "the partial directory should be there to inspect");
 }
+
+fn png_size_and_colors(p: &Path) -> (u32, u32, usize) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap()));
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    let px = &buf[..info.buffer_size()];
+    let colors: std::collections::HashSet<&[u8]> = px.chunks(info.color_type.samples()).collect();
+    (info.width, info.height, colors.len())
+}
+
+#[test]
+fn render_draws_every_chart_from_the_model_and_refuses_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture("granite-tiny");
+    let m = m.to_str().unwrap();
+    let cases: [(&str, &[&str]); 3] = [
+        ("spectra", &["--model", m, "--layers", "model.layers.*.mlp.down_proj", "--ratio", "0.5"]),
+        ("heatmap", &["--model", m, "--layer", "model.layers.0.mlp.down_proj", "--method", "svd", "--ratio", "0.5"]),
+        ("curves", &["--model", m, "--layer", "model.layers.0.self_attn.k_proj", "--sites", "2"]),
+    ];
+    for (kind, args) in cases {
+        let out = tmp.path().join(format!("{kind}.png"));
+        let o = bin().args(["render", kind]).args(args).args(["--width", "480", "--height", "320", "--scale", "2", "--out", out.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "render {kind}: {}", String::from_utf8_lossy(&o.stderr));
+        let (w, h, colors) = png_size_and_colors(&out);
+        assert_eq!((w, h), (960, 640), "{kind}: 2x scale of 480 x 320");
+        assert!(colors > 50, "{kind}: only {colors} colors — an empty chart?");
+    }
+    for (args, want) in [
+        (vec!["render", "pie", "--out", "x.png"], "unknown chart `pie`"),
+        (vec!["render", "heatmap", "--out", "x.png"], "needs --model"),
+        (vec!["render", "heatmap", "--model", m, "--layer", "model.layers.0.nope", "--out", "x.png"], "no linear layer named `model.layers.0.nope`"),
+        (vec!["render", "layer-map", "--variants", m, "--out", "x.png"], "compactor.json"),
+    ] {
+        let o = bin().args(&args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want) && !e.contains("panicked"), "{args:?}: {e}");
+    }
+}

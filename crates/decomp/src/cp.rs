@@ -91,6 +91,29 @@ fn gram(a: &[f64], rows: usize, r: usize) -> Vec<f64> {
     mm64(a, rows, r, true, a, rows, r, false)
 }
 
+/// A = M V⁻¹ (M: rows × r, V: r × r symmetric PSD, the Hadamard product of the other modes'
+/// Grams) by a Cholesky solve with a tiny ridge; the eigen pseudo-inverse only when V is
+/// numerically singular. (An eigendecomposition per mode step made CP-ALS at rank ~1000 take
+/// minutes per layer.)
+fn solve_normal(m: &[f64], rows: usize, v: &[f64], r: usize) -> Result<Vec<f64>> {
+    use faer::linalg::solvers::Solve;
+    let tr = (0..r).map(|i| v[i * r + i]).sum::<f64>() / r as f64;
+    let ridge = 1e-12 * tr.max(f64::MIN_POSITIVE);
+    let vm = faer::Mat::<f64>::from_fn(r, r, |i, j| v[i * r + j] + if i == j { ridge } else { 0.0 });
+    match vm.llt(faer::Side::Lower) {
+        Ok(llt) => {
+            // V Aᵀ = Mᵀ
+            let mt = faer::Mat::<f64>::from_fn(r, rows, |i, j| m[j * r + i]);
+            let x = llt.solve(&mt);
+            Ok((0..rows).flat_map(|i| (0..r).map(move |c| (i, c))).map(|(i, c)| x[(c, i)]).collect())
+        }
+        Err(_) => {
+            let vp = pinv_sym(v, r)?;
+            Ok(mm64(m, rows, r, false, &vp, r, r, false))
+        }
+    }
+}
+
 fn pinv_sym(v: &[f64], r: usize) -> Result<Vec<f64>> {
     let (vals, vecs) = sym_eig_desc(v, r)?;
     let cut = vals[0].abs() * 1e-12;
@@ -148,8 +171,7 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
                     }
                 }
             }
-            let vp = pinv_sym(&v, r)?;
-            let mut a = mm64(&m, dims[d], r, false, &vp, r, r, false);
+            let mut a = solve_normal(&m, dims[d], &v, r)?;
             for c in 0..r {
                 let nrm = (0..dims[d]).map(|i| a[i * r + c] * a[i * r + c]).sum::<f64>().sqrt();
                 weights[c] = nrm;

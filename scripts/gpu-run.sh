@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (../shared/docs/GPU.md): the CUDA binary built by
+# scripts/build-cuda.sh (.gpu/compactor), the stories260K fixture and its text copied to .gpu/,
+# the Vulkan loader .debs in .gl/. Results go to $OUT (log.txt and JSON files).
+#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B   (two calls: each must fit 10 minutes)
+set -uo pipefail
+PART=${1:-A}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log-$PART.txt") 2>&1
+[ -x .gpu/compactor ] || xz -d -k .gpu/compactor.xz
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+for f in .gl/*.deb; do dpkg -x "$f" /; done
+ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+export XDG_RUNTIME_DIR=/tmp/xdg; mkdir -p $XDG_RUNTIME_DIR
+B=.gpu/compactor
+chmod +x $B
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nproc
+step() { echo; echo "=== $* ($(date +%T))"; }
+G=assets/models/granite-tiny; GT=assets/gutenberg-heldout.txt
+S=.gpu/stories260K; ST=.gpu/tinystories_val.txt
+
+if [ "$PART" = A ]; then
+step "issue 2: eval, CUDA vs CPU, f32, ctx 256 x 200 windows"
+for dev in cuda cpu; do
+  timeout 100 $B eval $G --text $GT --device $dev --json > "$OUT/eval-granite-$dev.json"; echo "granite $dev rc $?"
+  timeout 40 $B eval $S --text $ST --device $dev --json > "$OUT/eval-stories-$dev.json"; echo "stories $dev rc $?"
+done
+python3 - "$OUT" <<'EOF'
+import json, sys, os
+o = sys.argv[1]
+for m, ref in [("granite", 60.78280796747698), ("stories", 4.100727070593168)]:
+    r = {d: json.load(open(f"{o}/eval-{m}-{d}.json")) for d in ("cuda", "cpu") if os.path.getsize(f"{o}/eval-{m}-{d}.json")}
+    for d, v in r.items():
+        print(f"{m:8} {d:4} ppl {v['perplexity']:.4f} (ref {ref}, {100*(v['perplexity']/ref-1):+.3f}%) prefill {v.get('prefill_tokens_per_s',0):.0f} tok/s decode {v.get('decode_tokens_per_s',0):.1f} tok/s")
+    if len(r) == 2:
+        print(f"{m:8} cuda vs cpu ppl: {100*(r['cuda']['perplexity']/r['cpu']['perplexity']-1):+.4f}%")
+EOF
+
+step "issue 4: the demo on CUDA (compress, heal, evaluate, report)"
+timeout 330 $B demo --device cuda --out /tmp/demo-cuda; echo "demo rc $?"
+cp /tmp/demo-cuda/run.json "$OUT/demo-cuda-run.json" 2>/dev/null
+cp /tmp/demo-cuda/report.html /tmp/demo-cuda/report.pdf "$OUT/" 2>/dev/null
+
+step "issue 4: decode tokens/s, compressed vs dense, same run (CUDA f32, then CPU f32)"
+V=$(for v in svd tt tucker cp aa-svd aa-tt aa-svd-healed; do [ -d /tmp/demo-cuda/$v ] && echo /tmp/demo-cuda/$v; done)
+timeout 60 $B bench decode $G $V --device cuda --tokens 128 --repeats 3
+timeout 60 $B bench decode $G $V --device cpu --tokens 64 --repeats 2
+
+step "issue 5: error heatmap 12800 x 4096 on the NVIDIA Vulkan adapter vs the CPU loop"
+timeout 60 $B bench heatmap --runs 5
+
+fi
+if [ "$PART" = B ]; then
+step "issue 8 (partial): Granite-8B shapes, 4 of 40 layers, bf16: dense vs svd at half the linear parameters"
+timeout 300 $B synth --preset granite-8b --layers 4 --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; echo "synth rc $?"
+du -sh /tmp/g8b
+/usr/bin/time -v timeout 400 $B compress /tmp/g8b --method svd --ratio 0.5 --out /tmp/g8b-svd 2>&1 | grep -E "wrote|linear|bytes|error|Elapsed|Maximum resident"
+timeout 240 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 64 --tokens 64 --repeats 3
+step "the demo again with what time is left (variants timed by their manifests)"
+timeout 380 $B demo --device cuda --out /tmp/demo-cuda2; echo "demo rc $?"
+for d in /tmp/demo-cuda2/*/; do python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'compactor.json')); print(sys.argv[1], round(m['notes'].get('compress_seconds',0),1), 's')" $d 2>/dev/null; done
+cp /tmp/demo-cuda2/run.json "$OUT/demo-cuda-run.json" 2>/dev/null
+cp /tmp/demo-cuda2/report.html /tmp/demo-cuda2/report.pdf "$OUT/" 2>/dev/null
+fi
+echo; echo "=== done $(date +%T)"
