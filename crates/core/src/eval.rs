@@ -136,6 +136,14 @@ pub fn speed(model: &Model, prompt: &[u32], decode_tokens: usize) -> Result<Spee
     }
     sync(&model.device)?;
     let prefill = t0.elapsed().as_secs_f64() / reps as f64;
+    // decode warm-up: the first single-token steps load kernels (CUDA) and grow buffers
+    let mut warm = model.new_cache();
+    let mut wl = model.forward(&ids.narrow(1, 0, prompt.len().min(8))?, Some(&mut warm))?;
+    for _ in 0..4 {
+        let next = wl.narrow(1, wl.dim(1)? - 1, 1)?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        wl = model.forward(&Tensor::new(&[next], &model.device)?.unsqueeze(0)?, Some(&mut warm))?;
+    }
+    drop(warm);
     // decode: prefill the prompt, then time token-by-token steps
     let mut cache = model.new_cache();
     let mut logits = model.forward(&ids, Some(&mut cache))?;

@@ -183,6 +183,7 @@ fn factorize_whitened(w: &[f32], spec: &LinearSpec, opts: &FactorizeOptions, gra
             let (f, rep) = dc::factorize_report(dc::from_row_major(m, n, &ws).as_ref(), &fit)?;
             let Factorization::LowRank { m, n, a, b } = f else { unreachable!("svd gives a low-rank factorization") };
             let b = factor_mode(&b, 1, &transpose(&sinv, n))?;
+            let (a, b) = canonical_low_rank(&a, &b)?;
             (Factorization::LowRank { m, n, a, b }, rep.iterations)
         }
         dc::Method::Tt | dc::Method::Tucker | dc::Method::Cp => {
@@ -232,6 +233,31 @@ fn factorize_whitened(w: &[f32], spec: &LinearSpec, opts: &FactorizeOptions, gra
     Ok((f, iters))
 }
 
+/// The same product A·B (m × r, r × n) in plain truncated-SVD form: A = U·Σ, B with orthonormal
+/// rows. After S⁻¹ is folded in, B's rows carry the scale of the inputs (tiny or huge entries);
+/// in this form the factors are scaled like a plain svd fit, which keeps bf16 storage and the
+/// fixed learning rate of healing well-behaved (aa-svd healed at lr 2e-4 diverged to ppl 976 before).
+fn canonical_low_rank(a: &Factor, b: &Factor) -> Result<(Factor, Factor)> {
+    let (m, r, n) = (a.shape[0], a.shape[1], b.shape[1]);
+    let av = a.values();
+    let bv = b.values();
+    // Bᵀ = Q R  →  A·B = (A Rᵀ) Qᵀ
+    let bt = Mat::<f64>::from_fn(n, r, |i, j| bv[j * n + i] as f64);
+    let qr = bt.qr();
+    let q = qr.compute_thin_Q();
+    let rt = qr.thin_R().transpose().to_owned();
+    let am = Mat::<f64>::from_fn(m, r, |i, j| av[i * r + j] as f64);
+    let mr = &am * &rt;
+    // A Rᵀ = U Σ Wᵀ  →  A·B = (U Σ) (Q W)ᵀ
+    let svd = mr.thin_svd().map_err(|e| Error::Invalid(format!("SVD of the whitened factors failed: {e:?}")))?;
+    let (u, sv, w) = (svd.U(), svd.S().column_vector(), svd.V());
+    let k = sv.nrows();
+    let qw = &q * w;
+    let a2: Vec<f32> = (0..m).flat_map(|i| (0..k).map(move |j| (i, j))).map(|(i, j)| (u[(i, j)] * sv[j]) as f32).collect();
+    let b2: Vec<f32> = (0..k).flat_map(|j| (0..n).map(move |c| (j, c))).map(|(j, c)| qw[(c, j)] as f32).collect();
+    Ok((Factor::new(vec![m, k], a2), Factor::new(vec![k, n], b2)))
+}
+
 fn transpose(a: &[f64], n: usize) -> Vec<f64> {
     (0..n).flat_map(|i| (0..n).map(move |j| a[j * n + i])).collect()
 }
@@ -273,7 +299,7 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
     let mut opts = FactorizeOptions::new(to_dc_method(r.method), rank_choice(r));
     opts.sites = sites_for(spec, r.sites);
     opts.quant = r.quant.as_ref().map(to_dc_quant);
-    opts.max_iters = 25;
+    opts.max_iters = r.iterations.unwrap_or(25);
     opts.tol = 1e-4;
     let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
     let wm = dc::from_row_major(m, n, &w);

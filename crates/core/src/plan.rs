@@ -112,6 +112,9 @@ pub struct LayerSpec {
     /// Number of tensor-network sites for tt/tucker/cp (default: automatic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sites: Option<usize>,
+    /// Most sweeps of the iterative fits (Tucker HOOI, CP-ALS); default 25.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<usize>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_dense: bool,
 }
@@ -214,6 +217,7 @@ pub struct Resolved {
     pub tol: Option<f64>,
     pub quant: Option<QuantSpec>,
     pub sites: Option<usize>,
+    pub iterations: Option<usize>,
     /// Index of the rule that matched, if any.
     pub rule: Option<usize>,
     /// The ratio comes from `target.param_ratio` (so the allocation may move it).
@@ -315,6 +319,7 @@ impl Plan {
                 tol: spec.tol,
                 quant: spec.quant,
                 sites: spec.sites,
+                iterations: spec.iterations,
                 rule: hit,
                 from_target: spec.rank.is_none() && spec.ratio.is_none() && spec.tol.is_none() && self.target.param_ratio.is_some(),
             };
@@ -346,6 +351,7 @@ fn merge(rule: &LayerSpec, default: &LayerSpec) -> LayerSpec {
         tol: if explicit { rule.tol } else { default.tol },
         quant: rule.quant.or(default.quant),
         sites: rule.sites.or(default.sites),
+        iterations: rule.iterations.or(default.iterations),
         keep_dense: rule.keep_dense,
     }
 }
@@ -378,6 +384,9 @@ fn check_spec(s: &LayerSpec, at: &str) -> Result<()> {
     }
     if s.sites == Some(0) {
         return bad(format!("{at}.sites: must be at least 1"));
+    }
+    if s.iterations == Some(0) {
+        return bad(format!("{at}.iterations: must be at least 1"));
     }
     Ok(())
 }
