@@ -11,4 +11,14 @@ for pkg in compactor-decomp compactor-core compactor-viz compactor-report compac
   echo "== cargo test -p $pkg"
   cargo test --locked -p "$pkg" -- --test-threads 2
 done
+# the desktop app: frontend build, app build (debug profile; dependencies are optimized), its unit
+# tests, then the end-to-end suite driving the real app through WebDriver under Xvfb
+echo "== desktop app: npm run build (ui/)"
+(cd ui && npm run build --silent)
+echo "== cargo build -p compactor-app"
+cargo build --locked -p compactor-app
+echo "== cargo test -p compactor-app"
+cargo test --locked -p compactor-app -- --test-threads 2
+echo "== end-to-end: tests/e2e/run.mjs"
+node tests/e2e/run.mjs --app "$CARGO_TARGET_DIR/debug/compactor-app"
 echo "test suite wall time: $(( $(date +%s) - start )) s"

@@ -73,8 +73,10 @@ let base = "";
 let sid = "";
 const ELEM = "element-6066-11e4-a52e-4f735466cecf";
 
+const debug = process.env.E2E_DEBUG === "1";
 async function wd(method, url, body) {
-  const r = await fetch(`${base}${url}`, { method, headers: { "content-type": "application/json" }, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (debug) log(`-> ${method} ${url} ${body === undefined ? "" : JSON.stringify(body).slice(0, 160)}`);
+  const r = await fetch(`${base}${url}`, { method, headers: { "content-type": "application/json" }, body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(120000) });
   const j = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error(`${method} ${url}: ${r.status} ${JSON.stringify(j.value ?? j).slice(0, 400)}`);
   return j.value;
@@ -170,8 +172,6 @@ async function main() {
     XDG_DATA_HOME: path.join(home, "data"),
     XDG_CACHE_HOME: path.join(home, "cache"),
     COMPACTOR_APP_RUNS: path.join(out, "runs"),
-    WEBKIT_DISABLE_COMPOSITING_MODE: "1",
-    WEBKIT_DISABLE_DMABUF_RENDERER: "1",
     NO_AT_BRIDGE: "1",
   };
   fs.mkdirSync(env.XDG_RUNTIME_DIR, { recursive: true, mode: 0o700 });
@@ -220,7 +220,7 @@ async function main() {
 
   await step("layer view: charts and hover readouts", async () => {
     await click("#nav-layers");
-    await click('#layers-table tr[data-layer="model.layers.2.mlp.down_proj"]');
+    await click('#layers-table tr[data-layer="model.layers.2.mlp.down_proj"] td:nth-child(2)');
     await waitFor("the layer's charts", async () => (await textOf("#lv-ready")) !== null, 120000);
     check(/down_proj/.test(await textOf("#lv-ready")), "the chosen layer is shown");
     await hover("#heatmap-img", 0.45, 0.5);

@@ -53,13 +53,27 @@ function setProgress(done: number, total: number): void {
   clear(progress, h("span", null, `Computing singular values: ${done} / ${total} layers `), bar, " ", h("button", { class: "link", onclick: () => spectraJob && api.cancelJob(spectraJob) }, "Stop"));
 }
 
-/** A spectrum thumbnail: log10(σ/σmax) on [-3, 0] against the index. */
-function thumb(r: SpectrumRow | undefined, role: string): Element {
-  const W = 120, H = 30;
+/** A spectrum thumbnail: log10(σ/σmax) against the index, on the y range shared by all rows. */
+function thumb(r: SpectrumRow | undefined, role: string, lo: number): Element {
+  const W = 120, H = 24;
   if (!r) return h("span", { class: "muted" }, "…");
   const n = r.thumb.length;
-  const pts = r.thumb.map((v, i) => `${((i / Math.max(n - 1, 1)) * (W - 2) + 1).toFixed(1)},${(((-v) / 3) * (H - 4) + 2).toFixed(1)}`).join(" ");
-  return svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: `thumb role-${role}` }, svg("polyline", { points: pts, fill: "none", "stroke-width": 1.5, class: "thumb-line" }));
+  const y = (v: number) => (Math.min(1, v / lo) * (H - 4) + 2).toFixed(1);
+  const xs = r.thumb.map((_, i) => ((i / Math.max(n - 1, 1)) * (W - 2) + 1).toFixed(1));
+  const pts = r.thumb.map((v, i) => `${xs[i]},${y(v)}`).join(" ");
+  return svg(
+    "svg",
+    { width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: `thumb role-${role}` },
+    svg("polygon", { points: `${xs[0]},${H} ${pts} ${xs[n - 1]},${H}`, class: "thumb-area" }),
+    svg("polyline", { points: pts, fill: "none", "stroke-width": 1.5, class: "thumb-line" }),
+  );
+}
+
+/** The lowest thumbnail value over all layers (so thumbnails compare across rows). */
+function thumbFloor(): number {
+  let lo = -0.3;
+  for (const r of state.spectra.values()) for (const v of r.thumb) lo = Math.min(lo, v);
+  return Math.max(lo, -3);
 }
 
 function energyOf(name: string): { energy: number | null; rank: number | null } {
@@ -94,6 +108,7 @@ function renderTable(): void {
     const active = k === sortKey;
     return h("th", { class: `${cls} ${k ? "sort" : ""} ${active ? (sortDir > 0 ? "asc" : "desc") : ""}`, title: title || null, onclick: k ? () => { sortDir = sortKey === k ? -sortDir : k === "layer" || k === "name" || k === "role" ? 1 : -1; sortKey = k; renderTable(); } : null }, label);
   };
+  const lo = thumbFloor();
   clear(
     table,
     h(
@@ -130,7 +145,7 @@ function renderTable(): void {
           h("td", { class: "num" }, s ? num(s.stable_rank, 1) : "…"),
           h("td", { class: "num" }, s ? num(s.alpha, 2) : "…"),
           h("td", { class: "num" }, e.energy !== null ? h("span", { title: `rank ${e.rank}` }, `${pct(e.energy)} `, h("span", { class: "muted" }, `r=${e.rank}`)) : s ? "—" : "…"),
-          h("td", null, thumb(s, l.role)),
+          h("td", null, thumb(s, l.role, lo)),
         );
       }),
     ),
