@@ -2,7 +2,7 @@
 # One call on the lent GPU machine (../shared/docs/GPU.md): the CUDA binary built by
 # scripts/build-cuda.sh (.gpu/compactor), the stories260K fixture and its text copied to .gpu/,
 # the Vulkan loader .debs in .gl/. Results go to $OUT (log.txt and JSON files).
-#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B   (two calls: each must fit 10 minutes)
+#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C   (two calls: each must fit 10 minutes)
 set -uo pipefail
 PART=${1:-A}
 OUT=${OUT:-/tmp/gpu-out}
@@ -64,5 +64,13 @@ timeout 380 $B demo --device cuda --out /tmp/demo-cuda2; echo "demo rc $?"
 for d in /tmp/demo-cuda2/*/; do python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'compactor.json')); print(sys.argv[1], round(m['notes'].get('compress_seconds',0),1), 's')" $d 2>/dev/null; done
 cp /tmp/demo-cuda2/run.json "$OUT/demo-cuda-run.json" 2>/dev/null
 cp /tmp/demo-cuda2/report.html /tmp/demo-cuda2/report.pdf "$OUT/" 2>/dev/null
+fi
+if [ "$PART" = C ]; then
+step "issue 4: the demo on CUDA, then decode tokens/s of every variant against the dense model (CUDA, then CPU)"
+timeout 400 $B demo --device cuda --out /tmp/demo-c; echo "demo rc $?"
+cp /tmp/demo-c/run.json "$OUT/demo-cuda-run.json"; cp /tmp/demo-c/report.html /tmp/demo-c/report.pdf "$OUT/" 2>/dev/null
+V=$(for v in svd tt tucker cp aa-svd aa-tt int8 aa-svd-healed; do [ -d /tmp/demo-c/$v ] && echo /tmp/demo-c/$v; done)
+timeout 60 $B bench decode $G $V --device cuda --tokens 128 --repeats 3
+timeout 70 $B bench decode $G $V --device cpu --tokens 64 --repeats 2
 fi
 echo; echo "=== done $(date +%T)"
