@@ -567,7 +567,7 @@ pub async fn layer_view(state: State<'_, AppState>, job: String, args: LayerView
             .collect();
         lines.push(Line { label: format!("this choice ({})", args.method), points: vec![(params as f64 / (m * n) as f64, rel_error)] });
         let curves = Curves {
-            title: format!("Relative error ‖W − Ŵ‖/‖W‖ against parameters kept, {short}"),
+            title: format!("Relative error ||W − Ŵ|| / ||W|| against parameters kept, {short}"),
             x_label: "parameters kept (fraction of the dense layer)".into(),
             y_label: "relative error".into(),
             lines,

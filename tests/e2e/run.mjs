@@ -132,6 +132,9 @@ async function waitFor(what, f, timeoutMs = 30000) {
 }
 const textOf = (css) => exec("const e = document.querySelector(arguments[0]); return e ? e.textContent : null;", [css]);
 async function screenshot(name) {
+  // let the page paint what the last step changed (WebKit returns the last painted frame)
+  await exec("return new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => r(true))));").catch(() => {});
+  await sleep(400);
   const png = Buffer.from(await wd("GET", s("/screenshot")), "base64");
   const f = path.join(shots, `${name}.png`);
   fs.writeFileSync(f, png);
@@ -249,6 +252,8 @@ async function main() {
     await waitFor("the saved plan", async () => fs.existsSync(planFile), 10000);
     const saved = JSON.parse(fs.readFileSync(planFile, "utf8"));
     check(saved.version === 1 && saved.target.param_ratio === 0.5 && saved.rules.length === 2, `saved plan: ${JSON.stringify(saved)}`);
+    await exec("document.getElementById('content').scrollTop = 0;");
+    await sleep(300);
     await screenshot("04-plan");
   });
 

@@ -22,6 +22,7 @@ function chartBox(id: string, img: ChartImage, readout: HTMLElement): { box: HTM
   const cursor = h("div", { class: "cursor-v hidden" });
   const cursorH = h("div", { class: "cursor-h hidden" });
   const box = h("div", { class: "chart-box", id }, h("div", { class: "chart-stage" }, image, cursor, cursorH), readout);
+  box.style.setProperty("width", `${img.width / devicePixelRatio + 18}px`);
   return { box, image, cursor, cursorH };
 }
 
