@@ -310,6 +310,14 @@ async function main() {
   sid = "";
 }
 
+for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
+  process.on(sig, () => {
+    log(`${sig}: stopping`);
+    stopAll();
+    process.exit(130);
+  });
+}
+
 let ok = false;
 try {
   await main();
