@@ -243,5 +243,15 @@ pub fn bench_heatmap(rows: usize, cols: usize, w: u32, h: u32, runs: usize) -> R
         let (g, c) = (median(tg), median(tc));
         println!("{mode:?}: wgpu {:.1} ms | CPU loop {:.1} ms | CPU/wgpu = {:.2}x | pixels differing {differing} of {}", g * 1e3, c * 1e3, c / g, w * h);
     }
+    // the whole chart as the report draws it: axes, color bar, text
+    let input = HeatmapInput { title: "bench".into(), rows, cols, data, approx: None, reduce: Reduce::Max, colormap: Colormap::Viridis, vmax: None };
+    r.render_heatmap(&input, w, h, 1.0)?;
+    let mut tf = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        std::hint::black_box(r.render_heatmap(&input, w, h, 1.0)?);
+        tf.push(t.elapsed().as_secs_f64());
+    }
+    println!("full chart (axes, color bar, text) {w} x {h} @1x: {:.1} ms", median(tf) * 1e3);
     Ok(())
 }
