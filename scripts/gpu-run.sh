@@ -2,7 +2,7 @@
 # One call on the lent GPU machine (../shared/docs/GPU.md): the CUDA binary built by
 # scripts/build-cuda.sh (.gpu/compactor), the stories260K fixture and its text copied to .gpu/,
 # the Vulkan loader .debs in .gl/. Results go to $OUT (log.txt and JSON files).
-#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C   (two calls: each must fit 10 minutes)
+#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D   (two calls: each must fit 10 minutes)
 set -uo pipefail
 PART=${1:-A}
 OUT=${OUT:-/tmp/gpu-out}
@@ -72,5 +72,18 @@ cp /tmp/demo-c/run.json "$OUT/demo-cuda-run.json"; cp /tmp/demo-c/report.html /t
 V=$(for v in svd tt tucker cp aa-svd aa-tt int8 aa-svd-healed; do [ -d /tmp/demo-c/$v ] && echo /tmp/demo-c/$v; done)
 timeout 60 $B bench decode $G $V --device cuda --tokens 128 --repeats 3
 timeout 70 $B bench decode $G $V --device cpu --tokens 64 --repeats 2
+fi
+if [ "$PART" = D ]; then
+# issue 8's benchmark on the SAME matrices (not yet run: the device time of the session that wrote it
+# was spent). L=40 for the full model (16 GB bf16); the steps are cut by timeouts, so start with L=4.
+L=${L:-4}
+step "issue 8: Granite-8B shapes, $L layers: synth, Compactor spectra, plans, PyTorch baselines"
+timeout 300 $B synth --preset granite-8b --layers $L --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; du -sh /tmp/g8b
+/usr/bin/time -f "compactor spectra: %e s wall, %M KiB peak RSS" timeout 400 $B spectra /tmp/g8b --json > /dev/null
+for m in svd tt; do
+  /usr/bin/time -f "compress $m 0.5: %e s wall, %M KiB peak RSS" timeout 400 $B compress /tmp/g8b --method $m --ratio 0.5 --out /tmp/g8b-$m --json | grep -E '"seconds"|linear_param_ratio'
+done
+timeout 400 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods gram,lowrank,svd
+timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 64 --tokens 64 --repeats 3
 fi
 echo; echo "=== done $(date +%T)"
