@@ -35,6 +35,11 @@ fn startup_model() -> Option<PathBuf> {
 
 fn main() {
     let startup = startup_model();
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        eprintln!("compactor-app: no display (neither DISPLAY nor WAYLAND_DISPLAY is set): the desktop app needs a graphical session; for a headless run use `scripts/demo.sh` without --gui");
+        std::process::exit(1);
+    }
     tauri::Builder::default()
         .plugin(tauri_plugin_dialog::init())
         .manage(commands::AppState::new(startup))
