@@ -6,17 +6,23 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-PKGS=(build-essential pkg-config curl ca-certificates git python3
-      mesa-vulkan-drivers libvulkan1 poppler-utils)
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing system packages: ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-fi
+# apt_install WHAT PKG…: installs the packages that are not installed yet.
+apt_install() {
+  local what=$1 p
+  shift
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing system packages$what: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
+}
+
+apt_install "" build-essential pkg-config curl ca-certificates git python3 \
+  mesa-vulkan-drivers libvulkan1 poppler-utils
 
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -32,15 +38,7 @@ fi
 # Node.js for the frontend build, tauri-driver.
 APP_PKGS=(libwebkit2gtk-4.1-dev libssl-dev libayatana-appindicator3-dev librsvg2-dev webkit2gtk-driver xvfb)
 if ! command -v npm >/dev/null 2>&1; then APP_PKGS+=(nodejs npm); fi
-missing=()
-for p in "${APP_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing system packages for the desktop app: ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-fi
+apt_install " for the desktop app" "${APP_PKGS[@]}"
 
 if ! command -v tauri-driver >/dev/null 2>&1; then
   echo "installing tauri-driver (cargo install)"
