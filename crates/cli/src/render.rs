@@ -107,7 +107,7 @@ fn spectra(a: &RenderArgs) -> Result<SpectraChart> {
             "depth" => ColorKey::Depth(s.layer as f32 / depth as f32),
             o => bail!("--color: `{o}` is not depth or role"),
         };
-        let mark_rank = a.ratio.map(|p| ((p * (m * n) as f64) / (m + n) as f64).floor().max(1.0) as usize);
+        let mark_rank = a.ratio.map(|p| dc::rank_for_ratio(m, n, dc::Method::Svd, p, None).unwrap_or(1));
         series.push(Series { label: format!("{} {}", s.layer, s.role.name()), values: sv.iter().map(|v| *v as f32).collect(), color_key, mark_rank });
     }
     Ok(SpectraChart { title: format!("Singular values — {}", model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()), series })
@@ -120,13 +120,7 @@ fn heatmap(a: &RenderArgs) -> Result<HeatmapInput> {
     let method = Method::parse(&a.method)?;
     let (m, n, w) = ck.matrix_f32(&format!("{}.weight", spec.name))?;
     let wm = dc::from_row_major(m, n, &w);
-    let mut o = dc::FactorizeOptions::new(pipeline::to_dc_method(method), dc::RankChoice::Ratio(ratio));
-    o.max_iters = 25;
-    o.tol = 1e-4;
-    if method != Method::Svd {
-        o.sites = a.sites.map(|k| (dc::sites::balanced_factors(m, k), dc::sites::balanced_factors(n, k)));
-    }
-    let f = dc::factorize(wm.as_ref(), &o)?;
+    let f = dc::factorize(wm.as_ref(), &fit_options(a, pipeline::to_dc_method(method), dc::RankChoice::Ratio(ratio), m, n))?;
     let approx = dc::to_row_major(&f.reconstruct());
     let reduce = match a.reduce.as_str() {
         "max" => Reduce::Max,
@@ -149,30 +143,27 @@ fn curves(a: &RenderArgs) -> Result<Curves> {
     let (model, ck) = model_of(a)?;
     let spec = one_layer(a, &ck, &model)?;
     let (m, n, w) = ck.matrix_f32(&format!("{}.weight", spec.name))?;
-    let wm = dc::from_row_major(m, n, &w);
-    let ratios = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
-    let mut lines = Vec::new();
-    for method in [dc::Method::Svd, dc::Method::Tt, dc::Method::Tucker, dc::Method::Cp] {
-        let mut points = Vec::new();
-        for &p in &ratios {
-            let mut o = dc::FactorizeOptions::new(method, dc::RankChoice::Ratio(p));
-            // the pipeline's iteration budget for the iterative methods (Tucker HOOI, CP-ALS)
-            o.max_iters = 25;
-            o.tol = 1e-4;
-            if method != dc::Method::Svd {
-                o.sites = a.sites.map(|k| (dc::sites::balanced_factors(m, k), dc::sites::balanced_factors(n, k)));
-            }
-            match dc::factorize(wm.as_ref(), &o) {
-                Ok(f) => points.push((f.params() as f64 / (m * n) as f64, f.rel_error(wm.as_ref()))),
-                Err(dc::DecompError::RatioTooSmall { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !points.is_empty() {
-            lines.push(Line { label: format!("{method:?}").to_lowercase(), points });
-        }
-    }
+    let methods = [dc::Method::Svd, dc::Method::Tt, dc::Method::Tucker, dc::Method::Cp];
+    let base = fit_options(a, dc::Method::Tt, dc::RankChoice::Rank(1), m, n);
+    let pts = dc::error_curve_with(dc::from_row_major(m, n, &w).as_ref(), &methods, &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], &base)?;
+    let lines = methods
+        .iter()
+        .map(|me| Line { label: format!("{me:?}").to_lowercase(), points: pts.iter().filter(|p| p.method == *me).map(|p| (p.params as f64 / (m * n) as f64, p.rel_error)).collect() })
+        .filter(|l| !l.points.is_empty())
+        .collect();
     Ok(Curves { title: format!("Error vs parameters — {}", spec.name), x_label: "parameters kept (fraction)".into(), y_label: "relative error ‖W − Ŵ‖/‖W‖".into(), lines, log_y: true })
+}
+
+/// Fit settings of the drawn factorizations: the pipeline's iteration budget for the iterative
+/// methods (Tucker HOOI, CP-ALS) and `--sites` for the tensor networks.
+fn fit_options(a: &RenderArgs, method: dc::Method, rank: dc::RankChoice, m: usize, n: usize) -> dc::FactorizeOptions {
+    let mut o = dc::FactorizeOptions::new(method, rank);
+    o.max_iters = 25;
+    o.tol = 1e-4;
+    if method != dc::Method::Svd {
+        o.sites = a.sites.map(|k| (dc::sites::balanced_factors(m, k), dc::sites::balanced_factors(n, k)));
+    }
+    o
 }
 
 fn layer_map(variants: &[PathBuf]) -> Result<LayerMap> {

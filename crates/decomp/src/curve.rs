@@ -30,12 +30,19 @@ pub struct CurvePoint {
 }
 
 pub fn error_curve(w: MatRef<'_, f32>, methods: &[Method], ratios: &[f64]) -> Result<Vec<CurvePoint>> {
+    error_curve_with(w, methods, ratios, &FactorizeOptions::new(Method::Svd, RankChoice::Rank(1)))
+}
+
+/// [`error_curve`] with the fit settings of `base` (sites, iteration budget, tolerance, seed) for
+/// the non-SVD methods; its method and rank choice are ignored.
+pub fn error_curve_with(w: MatRef<'_, f32>, methods: &[Method], ratios: &[f64], base: &FactorizeOptions) -> Result<Vec<CurvePoint>> {
     let (m, n) = (w.nrows(), w.ncols());
     let mut out = Vec::new();
     let mut svals: Option<Vec<f64>> = None;
     for &method in methods {
         for &ratio in ratios {
-            let r = match rank_for_ratio(m, n, method, ratio, None) {
+            let sites = if method == Method::Svd { None } else { base.sites.as_ref() };
+            let r = match rank_for_ratio(m, n, method, ratio, sites) {
                 Ok(r) => r,
                 Err(DecompError::RatioTooSmall { .. }) => continue,
                 Err(e) => return Err(e),
@@ -49,7 +56,10 @@ pub fn error_curve(w: MatRef<'_, f32>, methods: &[Method], ratios: &[f64]) -> Re
                 let tail: f64 = s[r.min(s.len())..].iter().map(|v| v * v).sum();
                 out.push(CurvePoint { method, ratio, params: r * (m + n), rel_error: (tail / tot.max(f64::MIN_POSITIVE)).sqrt(), rank: vec![r] });
             } else {
-                let f = factorize(w, &FactorizeOptions::new(method, RankChoice::Rank(r)))?;
+                let mut o = base.clone();
+                o.method = method;
+                o.rank = RankChoice::Rank(r);
+                let f = factorize(w, &o)?;
                 out.push(CurvePoint { method, ratio, params: f.params(), rel_error: f.rel_error(w), rank: f.ranks() });
             }
         }

@@ -39,7 +39,7 @@ pub mod svd;
 pub mod tt;
 pub mod tucker;
 
-pub use curve::{error_curve, CurvePoint};
+pub use curve::{error_curve, error_curve_with, CurvePoint};
 pub use error::{DecompError, Result};
 pub use factor::{Factor, FactorData};
 pub use factorization::{
