@@ -303,8 +303,8 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
     opts.tol = 1e-4;
     let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
     let wm = dc::from_row_major(m, n, &w);
-    let (f, iters) = match gram {
-        Some(c) if whiten.is_some() && r.method != Method::Dense => factorize_whitened(&w, spec, &opts, c, whiten.unwrap_or(1.0))?,
+    let (f, iters) = match (gram, whiten) {
+        (Some(c), Some(damping)) if r.method != Method::Dense => factorize_whitened(&w, spec, &opts, c, damping)?,
         _ => {
             let (f, rep) = dc::factorize_report(wm.as_ref(), &opts)?;
             (f, rep.iterations)
