@@ -20,15 +20,22 @@ for lib in cublas cublasLt nvrtc cudart; do
   f=$(ls "$CU"/lib/lib$lib.so.* | head -1); ln -sf "$f" "$LINK/lib$lib.so"
 done
 f=$(ls "$VENV"/lib/python3*/site-packages/nvidia/*/lib/libcurand.so.* "$CU"/lib/libcurand.so.* 2>/dev/null | head -1); ln -sf "$f" "$LINK/libcurand.so"
-# libcuda.so belongs to the driver: link against a stub that defines every cu* symbol cudarc uses.
+# libcuda.so belongs to the driver, and cuSOLVER/cuSPARSE are only needed at run time (the GPU
+# machine's CUDA 13.0 toolkit has them): link against stubs that define every symbol cudarc
+# declares, with the real libraries' sonames.
 cargo fetch --locked >/dev/null 2>&1 || cargo fetch
-SYS=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-*/src/driver/sys | tail -1)
-if [ ! -f "$LINK/libcuda.so.1" ]; then
-  grep -ho 'pub unsafe fn cu[A-Za-z0-9_]*' "$SYS"/*.rs | sed 's/pub unsafe fn //' | sort -u \
-    | awk '{print "void " $1 "(void){}"}' > "$LINK/stub.c"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so.1" "$LINK/stub.c"
-  ln -sf libcuda.so.1 "$LINK/libcuda.so"
-fi
+CUDARC=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.10 | tail -1)
+stub() { # stub LIB SONAME SYS_DIR PREFIX
+  if [ ! -f "$LINK/$2" ]; then
+    grep -ho "pub unsafe fn $4[A-Za-z0-9_]*" "$CUDARC/src/$3"/*.rs | sed 's/pub unsafe fn //' | sort -u \
+      | awk '{print "void " $1 "(void){}"}' > "$LINK/stub-$1.c"
+    gcc -shared -fPIC -Wl,-soname,"$2" -o "$LINK/$2" "$LINK/stub-$1.c"
+    ln -sf "$2" "$LINK/lib$1.so"
+  fi
+}
+stub cuda libcuda.so.1 driver/sys cu
+stub cusolver libcusolver.so.12 cusolver/sys cusolver
+stub cusparse libcusparse.so.12 cusparse/sys cusparse
 export PATH=$CU/bin:$PATH CUDA_HOME=$CU CUDA_PATH=$CU CUDA_ROOT=$CU
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export LIBRARY_PATH=$LINK RUSTFLAGS="-L $LINK"

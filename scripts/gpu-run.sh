@@ -74,16 +74,46 @@ timeout 60 $B bench decode $G $V --device cuda --tokens 128 --repeats 3
 timeout 70 $B bench decode $G $V --device cpu --tokens 64 --repeats 2
 fi
 if [ "$PART" = D ]; then
-# issue 8's benchmark on the SAME matrices (not yet run: the device time of the session that wrote it
-# was spent). L=40 for the full model (16 GB bf16); the steps are cut by timeouts, so start with L=4.
-L=${L:-4}
-step "issue 8: Granite-8B shapes, $L layers: synth, Compactor spectra, plans, PyTorch baselines"
-timeout 300 $B synth --preset granite-8b --layers $L --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; du -sh /tmp/g8b
-/usr/bin/time -f "compactor spectra: %e s wall, %M KiB peak RSS" timeout 400 $B spectra /tmp/g8b --json > /dev/null
-for m in svd tt; do
-  /usr/bin/time -f "compress $m 0.5: %e s wall, %M KiB peak RSS" timeout 400 $B compress /tmp/g8b --method $m --ratio 0.5 --out /tmp/g8b-$m --json | grep -E '"seconds"|linear_param_ratio'
+step "issue 8: CPU and GPU agree on granite-tiny: spectra, svd/tt plans at 0.5 (ranks, errors), perplexity"
+$B spectra $G --json --device cpu > /tmp/sp-cpu.json; $B spectra $G --json --device cuda > /tmp/sp-cuda.json
+for m in svd tt; do for d in cpu cuda; do
+  timeout 200 $B compress $G --method $m --ratio 0.5 --device $d --out /tmp/gt-$m-$d > /dev/null; echo "compress $m on $d rc $?"
+  timeout 100 $B eval /tmp/gt-$m-$d --text $GT --device cuda --json > /tmp/gt-$m-$d-eval.json
+done; done
+python3 scripts/compare_cpu_gpu.py /tmp | tee "$OUT/agreement.txt"
+step "decode kernels give the same tokens: greedy bf16 generation, cuBLAS vs CUDA-core vs tensor-core GEMV"
+for k in 0 1 2; do for v in $G /tmp/gt-svd-cuda; do
+  COMPACTOR_GEMV=$k timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|kernel $k $(basename $v): |"
+done; done
+
+step "issue 8: decode-shaped products over a Granite-8B-shaped linear stack (40 layers): cuBLAS vs CUDA-core vs tensor-core GEMV"
+timeout 180 $B bench linear --layers 40 --batch 1,16 --repeats 20
+
+L=${L:-40}
+step "issue 8: synthetic Granite-8B shapes, $L layers, bf16, on local disk"
+[ -f /tmp/g8b/config.json ] || timeout 400 $B synth --preset granite-8b --layers $L --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; du -sh /tmp/g8b
+cat /tmp/g8b/*.safetensors > /dev/null   # page cache, as for the PyTorch run
+step "Compactor spectra of every linear matrix on the GPU (phase times summed over streams)"
+export COMPACTOR_GPU_TIMING=1
+/usr/bin/time -f "compactor spectra: %e s wall, %M KiB peak RSS" timeout 300 $B spectra /tmp/g8b --device cuda --json > /tmp/g8b-spectra.json
+for st in 1 8; do
+  COMPACTOR_GPU_STREAMS=$st timeout 200 $B spectra /tmp/g8b --device cuda --json --layers 'model.layers.[0-4].*' > /dev/null
 done
-timeout 400 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods gram,lowrank,svd
-timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 64 --tokens 64 --repeats 3
+for m in svd tt; do
+  step "Compactor $m plan at 0.5, load -> compress -> save, on the GPU"
+  /usr/bin/time -f "compress $m 0.5: %e s wall, %M KiB peak RSS" timeout 400 $B compress /tmp/g8b --method $m --ratio 0.5 --device cuda --out /tmp/g8b-$m > /dev/null
+  python3 -c "import json; m=json.load(open('/tmp/g8b-$m/compactor.json')); e=[l['rel_error'] for l in m['layers']]; n=m['notes']; print('$m', len(e), 'matrices, compress_seconds', round(n['compress_seconds'],1), 'write_seconds', round(n.get('write_seconds',0),1), 'linear_param_ratio', round(m['totals']['linear_param_ratio'],4), 'rel_error mean', round(sum(e)/len(e),4))"
+done
+unset COMPACTOR_GPU_TIMING
+step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16 (tensor-core GEMV), then cuBLAS"
+timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1,16
+fi
+if [ "$PART" = E ]; then
+L=${L:-40}
+step "issue 8: PyTorch on the same matrices (and Compactor's spectra again, same call)"
+[ -f /tmp/g8b/config.json ] || timeout 400 $B synth --preset granite-8b --layers $L --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; du -sh /tmp/g8b
+cat /tmp/g8b/*.safetensors > /dev/null
+/usr/bin/time -f "compactor spectra: %e s wall" timeout 200 $B spectra /tmp/g8b --device cuda --json > /dev/null
+timeout 560 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods ${TORCH_METHODS:-gram,lowrank,svd}
 fi
 echo; echo "=== done $(date +%T)"

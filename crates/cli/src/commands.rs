@@ -12,7 +12,9 @@ use compactor_decomp as dc;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub fn spectra(model: PathBuf, layers: Option<String>, json: bool, out: Option<PathBuf>) -> Result<()> {
+pub fn spectra(model: PathBuf, layers: Option<String>, json: bool, out: Option<PathBuf>, device: String) -> Result<()> {
+    let dev = compactor_core::device(&device)?;
+    let t0 = Instant::now();
     let ck = Checkpoint::open(&model)?;
     let pat = layers.as_deref().map(glob::Pattern::new).transpose().context("--layers is not a valid glob")?;
     let specs: Vec<_> = linear_layers(&ck.config).into_iter().filter(|s| pat.as_ref().map(|p| p.matches(&s.name)).unwrap_or(true)).collect();
@@ -25,20 +27,39 @@ pub fn spectra(model: PathBuf, layers: Option<String>, json: bool, out: Option<P
     let bar = Bar::new(json);
     bar.start("spectra", specs.len() as u64);
     let mut all = Vec::new();
-    for s in &specs {
-        if bar.cancelled() {
-            bail!("cancelled");
-        }
-        let (m, n, w) = ck.matrix_f32(&format!("{}.weight", s.name))?;
-        let sp = dc::spectrum(dc::from_row_major(m, n, &w).as_ref())?;
+    let mut sink = |i: usize, sp: dc::Spectrum| -> compactor_core::Result<()> {
+        let s = &specs[i];
         let entry = serde_json::json!({ "name": s.name, "layer": s.layer, "role": s.role, "spectrum": sp });
         if let Some(o) = &out {
-            compactor_core::checkpoint::write_atomic(&o.join(format!("{}.json", s.name)), serde_json::to_string(&entry)?.as_bytes())?;
+            compactor_core::checkpoint::write_atomic(&o.join(format!("{}.json", s.name)), serde_json::to_string(&entry).expect("json").as_bytes())?;
         }
         all.push(entry);
         bar.inc(1, &s.name);
+        Ok(())
+    };
+    if dev.is_cuda() {
+        #[cfg(feature = "cuda")]
+        {
+            // Gram + cuSOLVER eigenvalues on several streams, results in layer order
+            let fit = |i: usize, d: &candle_core::Device| -> compactor_core::Result<dc::Spectrum> {
+                let w = compactor_core::gpu::load_weight(&ck, &format!("{}.weight", specs[i].name), d)?;
+                let (m, n) = w.dims2()?;
+                Ok(dc::spectrum::spectrum_from_values(m, n, compactor_core::gpu::singular_values(&w)?))
+            };
+            let todo: Vec<usize> = (0..specs.len()).collect();
+            compactor_core::gpu::for_each_ordered(&dev, &todo, &fit, &mut sink, &bar)?;
+        }
+    } else {
+        for (i, s) in specs.iter().enumerate() {
+            if bar.cancelled() {
+                bail!("cancelled");
+            }
+            let (m, n, w) = ck.matrix_f32(&format!("{}.weight", s.name))?;
+            sink(i, dc::spectrum(dc::from_row_major(m, n, &w).as_ref())?)?;
+        }
     }
     bar.finish();
+    eprintln!("spectra of {} matrices in {:.2} s on {device}", specs.len(), t0.elapsed().as_secs_f64());
     if let Some(o) = &out {
         let summary: Vec<_> = all.iter().map(|e| {
             let sp = &e["spectrum"];
@@ -325,12 +346,16 @@ pub fn print_summary(s: &run::RunSummary) {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String, batches: Vec<usize>) -> Result<()> {
     let dev = compactor_core::device(&device)?;
     let dt = parse_dtype(&dtype)?;
     let load = |p: &Path| -> Result<Model> {
+        let t = Instant::now();
         let any = compactor_core::compressed::AnyModel::open(p)?;
-        Ok(Model::load(any.source(), dt, &dev)?)
+        let m = Model::load(any.source(), dt, &dev)?;
+        eprintln!("loaded {} in {:.1} s", p.display(), t.elapsed().as_secs_f64());
+        Ok(m)
     };
     let base = load(&dense)?;
     let prompt: Vec<u32> = (0..prompt_tokens).map(|i| (i * 7 % base.cfg.vocab_size.min(1000)) as u32 + 1).collect();
@@ -338,19 +363,85 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
     for c in &compressed {
         models.push((c.display().to_string(), load(c)?));
     }
-    // interleave repeats so that drift in machine load hits every model alike; keep the best
-    let mut best = vec![0f64; models.len()];
-    for _ in 0..repeats.max(1) {
-        for (i, (_, m)) in models.iter().enumerate() {
-            let s = eval::speed(m, &prompt, tokens)?;
-            best[i] = best[i].max(s.decode_tokens_per_s);
+    for &batch in &batches {
+        // interleave repeats so that drift in machine load hits every model alike; keep the best
+        let mut best = vec![0f64; models.len()];
+        for _ in 0..repeats.max(1) {
+            for (i, (_, m)) in models.iter().enumerate() {
+                let s = eval::speed_batch(m, &prompt, tokens, batch)?;
+                best[i] = best[i].max(s.decode_tokens_per_s);
+            }
+        }
+        println!("decode tokens/s, batch {batch}, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}");
+        println!("{:<50} {:>12} {:>14} {:>10} {:>16} {:>8}", "model", "linear params", "decode tok/s", "vs dense", "weight GB/step", "GB/s");
+        for (i, (name, m)) in models.iter().enumerate() {
+            let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();
+            // bytes of weights one decode step streams: every linear factor plus the lm_head
+            let step_bytes: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).chain(std::iter::once(&m.lm_head)).flat_map(|l| l.factors()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+            let steps_per_s = best[i] / batch as f64;
+            println!("{:<50} {:>12} {:>14.1} {:>9.2}x {:>16.3} {:>8.0}", name, lp, best[i], best[i] / best[0], step_bytes as f64 / 1e9, step_bytes as f64 * steps_per_s / 1e9);
         }
     }
-    println!("decode tokens/s, batch 1, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}");
-    println!("{:<50} {:>12} {:>14} {:>10}", "model", "linear params", "decode tok/s", "vs dense");
-    for (i, (name, m)) in models.iter().enumerate() {
-        let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();
-        println!("{:<50} {:>12} {:>14.1} {:>9.2}x", name, lp, best[i], best[i] / best[0]);
+    Ok(())
+}
+
+/// Decode-shaped products over a stack of Granite-8B-shaped linear layers (no attention): the
+/// dense stack against the low-rank stack at `ratio` of the parameters, batch 1 and 16, through
+/// the decode GEMV kernel and through cuBLAS, in one run on one device.
+pub fn bench_linear(device: String, layers: usize, ratio: f64, batches: Vec<usize>, repeats: usize) -> Result<()> {
+    use candle_core::{DType, Tensor};
+    use compactor_core::linear::{set_decode_kernel, Linear};
+    let dev = compactor_core::device(&device)?;
+    let sc = compactor_core::synth::SynthConfig::granite_8b();
+    let (h, i, kv) = (sc.hidden, sc.intermediate, sc.kv_heads * (sc.hidden / sc.heads));
+    let shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)];
+    let rnd = |m: usize, n: usize, scale: f64| -> Result<Tensor> { Ok(Tensor::randn(0f32, scale as f32, (m, n), &dev)?.to_dtype(DType::BF16)?) };
+    let mut dense = Vec::new();
+    let mut low = Vec::new();
+    for _ in 0..layers {
+        for &(m, n) in &shapes {
+            let r = dc::rank_for_ratio(m, n, dc::Method::Svd, ratio, None)?;
+            dense.push(Linear::dense(rnd(m, n, 0.02)?, None));
+            low.push(Linear::low_rank(rnd(m, r, 0.02)?, rnd(r, n, 0.02)?, None)?);
+        }
     }
+    let bytes = |stack: &[Linear]| -> usize { stack.iter().flat_map(|l| l.factors()).map(|t| t.elem_count() * 2).sum() };
+    let (db, lb) = (bytes(&dense), bytes(&low));
+    let params = |stack: &[Linear]| -> usize { stack.iter().map(|l| l.params()).sum() };
+    println!(
+        "linear stack: {layers} layers x 7 matrices (Granite-8B shapes), bf16, {device}; dense {:.2} GB, low-rank at {ratio} of the parameters {:.2} GB ({:.3} of the params)",
+        db as f64 / 1e9,
+        lb as f64 / 1e9,
+        params(&low) as f64 / params(&dense) as f64
+    );
+    let time = |stack: &[Linear], batch: usize| -> Result<f64> {
+        let xs: std::collections::HashMap<usize, Tensor> = [h, i].iter().map(|&n| Ok((n, rnd(batch, n, 1.0)?))).collect::<Result<_>>()?;
+        let pass = || -> Result<()> {
+            for l in stack {
+                let _ = l.forward(&xs[&l.in_features()])?;
+            }
+            Ok(())
+        };
+        pass()?;
+        dev.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..repeats.max(1) {
+            pass()?;
+        }
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() / repeats.max(1) as f64)
+    };
+    println!("{:>5} {:>8} {:>13} {:>9} {:>16} {:>9} {:>9}", "batch", "kernel", "dense ms/step", "GB/s", "low-rank ms/step", "GB/s", "speedup");
+    for &b in &batches {
+        let mut best = (f64::MAX, f64::MAX);
+        for (name, mode) in [("cublas", 0u8), ("simt", 1), ("mma", 2)] {
+            set_decode_kernel(mode);
+            let (td, tl) = (time(&dense, b)?, time(&low, b)?);
+            best = (best.0.min(td), best.1.min(tl));
+            println!("{:>5} {:>8} {:>13.3} {:>9.0} {:>16.3} {:>9.0} {:>8.2}x", b, name, td * 1e3, db as f64 / td / 1e9, tl * 1e3, lb as f64 / tl / 1e9, td / tl);
+        }
+        println!("{:>5} {:>8} {:>13.3} {:>9} {:>16.3} {:>9} {:>8.2}x  (best dense vs best low-rank)", b, "best", best.0 * 1e3, "", best.1 * 1e3, "", best.0 / best.1);
+    }
+    set_decode_kernel(2);
     Ok(())
 }

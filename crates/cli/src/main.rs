@@ -41,6 +41,9 @@ enum Cmd {
         /// Write one JSON per layer and summary.json here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// cpu, or cuda (Gram matrices and cuSOLVER eigenvalues on the GPU).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Factorize one layer and report rank(s), params, bytes, error and time.
     Factorize {
@@ -173,6 +176,23 @@ enum BenchCmd {
         device: String,
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Sequences decoded side by side (a list: each is measured, the models load once).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+    },
+    /// Decode-shaped products over a Granite-8B-shaped stack of linear layers: dense against
+    /// low-rank, decode GEMV kernel against cuBLAS, batch 1 and 16.
+    Linear {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value_t = 40)]
+        layers: usize,
+        #[arg(long, default_value_t = 0.5)]
+        ratio: f64,
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
     },
 }
 
@@ -228,6 +248,7 @@ struct CompressArgs {
     calib_tokens: usize,
     #[arg(long, default_value = "uniform")]
     allocation: String,
+    /// Where calibration passes and the svd/tt fits run (cpu, cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Output shard size in MiB.
@@ -319,7 +340,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, json } => inspect(model, json),
         Cmd::Eval(a) => eval_cmd(a),
-        Cmd::Spectra { model, layers, json, out } => commands::spectra(model, layers, json, out),
+        Cmd::Spectra { model, layers, json, out, device } => commands::spectra(model, layers, json, out, device),
         Cmd::Factorize { model, layer, method, rank, ratio, tol, quant, sites, json } => {
             commands::factorize(model, layer, method, rank, ratio, tol, quant, sites, json)
         }
@@ -359,8 +380,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Render(a) => render::render(a),
         Cmd::Bench { what } => match what {
             BenchCmd::Heatmap { rows, cols, width, height, runs } => render::bench_heatmap(rows, cols, width, height, runs),
-            BenchCmd::Decode { dense, compressed, prompt_tokens, tokens, repeats, device, dtype } => {
-                commands::bench_decode(dense, compressed, prompt_tokens, tokens, repeats, device, dtype)
+            BenchCmd::Linear { device, layers, ratio, batch, repeats } => commands::bench_linear(device, layers, ratio, batch, repeats),
+            BenchCmd::Decode { dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch } => {
+                commands::bench_decode(dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch)
             }
         },
         Cmd::Generate { model, prompt, max_tokens, device, dtype } => {

@@ -125,7 +125,19 @@ pub fn generate(model: &Model, prompt: &[u32], max_tokens: usize, stop: Option<u
 
 /// Measures prefill and decode speed on `prompt` (batch 1). Runs one warm-up first.
 pub fn speed(model: &Model, prompt: &[u32], decode_tokens: usize) -> Result<Speed> {
-    let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?;
+    speed_batch(model, prompt, decode_tokens, 1)
+}
+
+/// [`speed`] with `batch` sequences decoded side by side (the prompt repeated); tokens/s
+/// counts the tokens of every sequence.
+pub fn speed_batch(model: &Model, prompt: &[u32], decode_tokens: usize, batch: usize) -> Result<Speed> {
+    let batch = batch.max(1);
+    let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?.repeat((batch, 1))?;
+    let next_ids = |logits: &Tensor| -> Result<Tensor> {
+        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?.argmax(candle_core::D::Minus1)?;
+        let v = last.to_vec1::<u32>()?; // the host sees every step's tokens, as a sampler would
+        Ok(Tensor::new(v.as_slice(), &model.device)?.unsqueeze(1)?)
+    };
     let _ = model.forward(&ids.narrow(1, 0, prompt.len().min(8))?, None)?; // warm-up
     sync(&model.device)?;
     let reps = 3;
@@ -140,8 +152,7 @@ pub fn speed(model: &Model, prompt: &[u32], decode_tokens: usize) -> Result<Spee
     let mut warm = model.new_cache();
     let mut wl = model.forward(&ids.narrow(1, 0, prompt.len().min(8))?, Some(&mut warm))?;
     for _ in 0..4 {
-        let next = wl.narrow(1, wl.dim(1)? - 1, 1)?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        wl = model.forward(&Tensor::new(&[next], &model.device)?.unsqueeze(0)?, Some(&mut warm))?;
+        wl = model.forward(&next_ids(&wl)?, Some(&mut warm))?;
     }
     drop(warm);
     // decode: prefill the prompt, then time token-by-token steps
@@ -152,16 +163,14 @@ pub fn speed(model: &Model, prompt: &[u32], decode_tokens: usize) -> Result<Spee
     sync(&model.device)?;
     let t1 = Instant::now();
     for _ in 0..n {
-        let next = logits.narrow(1, logits.dim(1)? - 1, 1)?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
-        logits = model.forward(&ids, Some(&mut cache))?;
+        logits = model.forward(&next_ids(&logits)?, Some(&mut cache))?;
     }
     sync(&model.device)?;
     let decode = t1.elapsed().as_secs_f64();
     Ok(Speed {
-        prefill_tokens_per_s: prompt.len() as f64 / prefill,
+        prefill_tokens_per_s: (batch * prompt.len()) as f64 / prefill,
         prefill_tokens: prompt.len(),
-        decode_tokens_per_s: n as f64 / decode,
+        decode_tokens_per_s: (batch * n) as f64 / decode,
         decode_tokens: n,
     })
 }

@@ -10,6 +10,8 @@ pub mod compressed;
 pub mod config;
 pub mod error;
 pub mod eval;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod heal;
 pub mod inventory;
 pub mod linear;
@@ -35,7 +37,10 @@ pub fn device(name: &str) -> Result<candle_core::Device> {
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::Invalid("this build of Compactor has no CUDA support: rebuild with `--features cuda` (scripts/build-cuda.sh)".into()));
             }
-            Ok(candle_core::Device::new_cuda(ord)?)
+            let d = candle_core::Device::new_cuda(ord)?;
+            #[cfg(feature = "cuda")]
+            gpu::single_stream(&d);
+            Ok(d)
         }
         other => Err(Error::Invalid(format!("unknown device `{other}` (expected cpu or cuda)"))),
     }

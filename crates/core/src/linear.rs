@@ -24,8 +24,9 @@ use candle_core::{Result, Tensor, D};
 pub enum Linear {
     /// W (m × n), dense.
     Dense { w: Tensor, bias: Option<Tensor> },
-    /// W ≈ A B, A (m × r), B (r × n).
-    LowRank { a: Tensor, b: Tensor, bias: Option<Tensor> },
+    /// W ≈ A B, A (m × r), B (r × n). `rank` is the fitted r; on CUDA the tensors may carry
+    /// zero padding up to a multiple of 8 (see `gpu::pad_rank`), which `params` does not count.
+    LowRank { a: Tensor, b: Tensor, rank: usize, bias: Option<Tensor> },
     /// Tensor train / MPO: cores G_t (χ_{t-1}, m_t, n_t, χ_t), m = Π m_t, n = Π n_t.
     Mpo { cores: Vec<Tensor>, m: usize, n: usize, bias: Option<Tensor> },
     /// Tucker over the interleaved modes (m1, n1, m2, n2, …): core (r_1..r_2k), factors U_d (dim_d × r_d).
@@ -37,6 +38,14 @@ pub enum Linear {
 impl Linear {
     pub fn dense(w: Tensor, bias: Option<Tensor>) -> Self {
         Linear::Dense { w, bias }
+    }
+
+    /// W ≈ A B. On CUDA in bf16 the rank is zero-padded to a multiple of 8 for the decode kernel.
+    pub fn low_rank(a: Tensor, b: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let rank = a.dim(1)?;
+        #[cfg(feature = "cuda")]
+        let (a, b) = if a.device().is_cuda() && a.dtype() == candle_core::DType::BF16 { crate::gpu::pad_rank(a, b)? } else { (a, b) };
+        Ok(Linear::LowRank { a, b, rank, bias })
     }
 
     pub fn out_features(&self) -> usize {
@@ -58,6 +67,9 @@ impl Linear {
     /// Parameters stored (weights and bias).
     pub fn params(&self) -> usize {
         let bias = self.bias().map(|b| b.elem_count()).unwrap_or(0);
+        if let Linear::LowRank { rank, .. } = self {
+            return bias + rank * (self.out_features() + self.in_features());
+        }
         bias + self.factors().iter().map(|t| t.elem_count()).sum::<usize>()
     }
 
@@ -100,8 +112,14 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, n))?;
         let y = match self {
-            Linear::Dense { w, .. } => x2.matmul(&w.t()?)?,
-            Linear::LowRank { a, b, .. } => x2.matmul(&b.t()?)?.matmul(&a.t()?)?,
+            Linear::Dense { w, .. } => match gemv(&x2, w)? {
+                Some(y) => y,
+                None => x2.matmul(&w.t()?)?,
+            },
+            Linear::LowRank { a, b, .. } => match low_rank_gemv(&x2, b, a)? {
+                Some(y) => y,
+                None => x2.matmul(&b.t()?)?.matmul(&a.t()?)?,
+            },
             Linear::Mpo { cores, .. } => mpo_apply(cores, &x2)?,
             Linear::Tucker { core, factors, m, .. } => tucker_apply(core, factors, *m, &x2)?,
             Linear::Cp { weights, factors, m, .. } => cp_apply(weights, factors, *m, &x2)?,
@@ -132,6 +150,36 @@ impl Linear {
             }
         }
     }
+}
+
+/// `x Wᵀ` through the CUDA decode kernel where it applies (decode steps in bf16), else `None`.
+#[cfg(feature = "cuda")]
+fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    crate::gpu::gemv(x, w)
+}
+
+#[cfg(feature = "cuda")]
+fn low_rank_gemv(x: &Tensor, b: &Tensor, a: &Tensor) -> Result<Option<Tensor>> {
+    crate::gpu::low_rank_gemv(x, b, a)
+}
+
+/// Which CUDA kernel decode steps use: 0 cuBLAS GEMM, 1 CUDA-core GEMV, 2 tensor-core GEMV
+/// (the default; `COMPACTOR_GEMV` sets the start value), so that a benchmark can compare them in
+/// one run. No effect without CUDA.
+pub fn set_decode_kernel(mode: u8) {
+    #[cfg(feature = "cuda")]
+    crate::gpu::set_gemv_mode(mode);
+    let _ = mode;
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gemv(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn low_rank_gemv(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// y (B, m) = x (B, n) through MPO cores G_t (χ, m_t, n_t, χ'), contracting one site at a time:
@@ -241,7 +289,7 @@ pub fn from_factorization(
     };
     Ok(match f {
         F::Dense { weight, .. } => Linear::Dense { w: t(weight)?, bias },
-        F::LowRank { a, b, .. } => Linear::LowRank { a: t(a)?, b: t(b)?, bias },
+        F::LowRank { a, b, .. } => Linear::low_rank(t(a)?, t(b)?, bias)?,
         F::Mpo { m, n, cores, .. } => Linear::Mpo { cores: cores.iter().map(t).collect::<Result<_>>()?, m: *m, n: *n, bias },
         F::Tucker { m, n, core, factors, .. } => {
             Linear::Tucker { core: t(core)?, factors: factors.iter().map(t).collect::<Result<_>>()?, m: *m, n: *n, bias }

@@ -295,7 +295,6 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
     let t0 = Instant::now();
     let wname = format!("{}.weight", spec.name);
     let (m, n, w) = ck.matrix_f32(&wname)?;
-    let dense_bytes = ck.info(&wname).map(|i| i.nbytes()).unwrap_or(4 * m * n);
     let mut opts = FactorizeOptions::new(to_dc_method(r.method), rank_choice(r));
     opts.sites = sites_for(spec, r.sites);
     opts.quant = r.quant.as_ref().map(to_dc_quant);
@@ -315,7 +314,14 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
         Some(c) => Some(activation_error(&w, &f, m, n, c)?),
         None => None,
     };
-    let bytes = crate::compressed::stored_bytes(&f, factor_dtype);
+    Ok(fitted(ck, spec, r, f, rel_error, act_error, iters, factor_dtype, t0))
+}
+
+/// The manifest entry of a fitted layer.
+#[allow(clippy::too_many_arguments)]
+fn fitted(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, f: Factorization, rel_error: f64, act_error: Option<f64>, iterations: usize, factor_dtype: DType, t0: Instant) -> Fitted {
+    let (m, n) = f.shape();
+    let dense_bytes = ck.info(&format!("{}.weight", spec.name)).map(|i| i.nbytes()).unwrap_or(4 * m * n);
     let entry = LayerEntry {
         name: spec.name.clone(),
         layer: spec.layer,
@@ -324,15 +330,83 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
         meta: f.metadata(),
         ranks: f.ranks(),
         params: f.params(),
-        bytes,
+        bytes: crate::compressed::stored_bytes(&f, factor_dtype),
         dense_params: m * n,
         dense_bytes,
         rel_error,
         act_error,
-        iterations: iters,
+        iterations,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    Ok(Fitted { factorization: Some(f), entry })
+    Fitted { factorization: Some(f), entry }
+}
+
+/// Whether [`fit_layer_gpu`] can fit this layer: svd or tt at a rank or ratio, fitted to W
+/// itself (activation-aware, tolerance and tucker/cp fits run on the CPU).
+pub fn gpu_fits(r: &Resolved, whiten: Option<f64>) -> bool {
+    matches!(r.method, Method::Svd | Method::Tt) && r.tol.is_none() && whiten.is_none()
+}
+
+/// [`fit_layer`] on a CUDA device (see [`gpu_fits`]): W is uploaded in its stored dtype, the
+/// Gram matrices, eigensolves and factor products run there, the factors come back once.
+#[cfg(feature = "cuda")]
+pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option<&Grams>, factor_dtype: DType, device: &Device) -> Result<Fitted> {
+    use crate::gpu;
+    let t0 = Instant::now();
+    let w = crate::gpu::load_weight(ck, &format!("{}.weight", spec.name), device)?;
+    let (m, n) = w.dims2()?;
+    let method = to_dc_method(r.method);
+    let sites = sites_for(spec, r.sites);
+    let rank = match rank_choice(r) {
+        RankChoice::Rank(k) => {
+            let max = dc::max_rank(m, n, method, sites.as_ref())?;
+            if k == 0 || k > max {
+                return Err(Error::Invalid(format!("{}: rank {k} is outside 1..={max} for {} on {m}×{n}", spec.name, method.name())));
+            }
+            k
+        }
+        RankChoice::Ratio(q) => dc::rank_for_ratio(m, n, method, q, sites.as_ref())?,
+        RankChoice::Tol(_) => return Err(Error::Invalid("tolerance fits run on the CPU".into())),
+    };
+    let host = |t: &Tensor| -> Result<Factor> { Ok(Factor::new(t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?)) };
+    let (f, dense_hat) = match r.method {
+        Method::Svd => {
+            let (a, b) = gpu::truncated_svd(&w, rank)?;
+            let hat = a.matmul(&b)?;
+            gpu::lap(device, Some(3));
+            (Factorization::LowRank { m, n, a: host(&a)?, b: host(&b)? }, hat)
+        }
+        Method::Tt => {
+            let (rd, cd) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
+            let caps = dc::tt::bonds_for_cap(&rd, &cd, rank);
+            let cores = gpu::tt_svd(&w, &rd, &cd, &caps)?;
+            let hat = gpu::mpo_dense(&cores, &rd, &cd)?;
+            gpu::lap(device, Some(3));
+            let cores = cores.iter().map(host).collect::<Result<Vec<_>>>()?;
+            (Factorization::Mpo { m, n, row_dims: rd, col_dims: cd, cores }, hat)
+        }
+        other => return Err(Error::Invalid(format!("{} fits run on the CPU", other.name()))),
+    };
+    let f = match &r.quant {
+        Some(q) => f.quantized(&to_dc_quant(q))?,
+        None => f,
+    };
+    gpu::lap(device, Some(4));
+    let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
+    let (rel_error, act_error) = if r.quant.is_some() || gram.is_some() {
+        // measured on the host against the stored (quantized) factors
+        let wh = w.flatten_all()?.to_vec1::<f32>()?;
+        let rel = f.rel_error(dc::from_row_major(m, n, &wh).as_ref());
+        let act = match gram {
+            Some(c) => Some(activation_error(&wh, &f, m, n, c)?),
+            None => None,
+        };
+        (rel, act)
+    } else {
+        (gpu::rel_error(&w, &dense_hat)?, None)
+    };
+    gpu::lap(device, Some(5));
+    Ok(fitted(ck, spec, r, f, rel_error, act_error, 0, factor_dtype, t0))
 }
 
 /// Per-layer ratios for the layers whose ratio comes from the target.
@@ -520,23 +594,44 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
         }
         progress.start("compress", specs.len() as u64);
         let mut layers = Vec::new();
-        for (spec, r) in specs.iter().zip(&resolved) {
-            check(progress)?;
-            if !compressed.contains(&format!("{}.weight", spec.name)) {
-                progress.inc(1, &spec.name);
-                continue;
-            }
-            let fitted = fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)?;
+        let mut write_seconds = 0f64;
+        let mut sink = |i: usize, fitted: Fitted| -> Result<()> {
+            let t_write = Instant::now();
+            let (spec, r) = (&specs[i], &resolved[i]);
             for t in factor_tensors(&spec.name, fitted.factorization.as_ref().unwrap(), factor_dtype) {
                 writer.add(t)?;
             }
             ck.release(&format!("{}.weight", spec.name));
             progress.inc(1, &format!("{} {} {:?} err {:.3}", spec.name, r.method.name(), fitted.entry.ranks, fitted.entry.rel_error));
             layers.push(fitted.entry);
+            write_seconds += t_write.elapsed().as_secs_f64();
+            Ok(())
+        };
+        let todo: Vec<usize> = (0..specs.len()).filter(|&i| compressed.contains(&format!("{}.weight", specs[i].name))).collect();
+        progress.inc((specs.len() - todo.len()) as u64, "kept dense");
+        let fit = |i: usize, dev: &Device| -> Result<Fitted> {
+            let (spec, r) = (&specs[i], &resolved[i]);
+            #[cfg(feature = "cuda")]
+            if dev.is_cuda() && gpu_fits(r, whiten) {
+                return fit_layer_gpu(&ck, spec, r, grams.as_ref(), factor_dtype, dev);
+            }
+            let _ = dev;
+            fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)
+        };
+        if opts.device.is_cuda() {
+            #[cfg(feature = "cuda")]
+            crate::gpu::for_each_ordered(&opts.device, &todo, &fit, &mut sink, progress)?;
+        } else {
+            for &i in &todo {
+                check(progress)?;
+                sink(i, fit(i, &Device::Cpu)?)?;
+            }
         }
         progress.finish();
         check(progress)?;
+        let t_finish = Instant::now();
         writer.finish()?;
+        let write_seconds = write_seconds + t_finish.elapsed().as_secs_f64();
         copy_side_files(source, &tmp)?;
         let inv = inventory(&ck);
         let new_ck = Checkpoint::open(&tmp)?;
@@ -555,6 +650,8 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
             notes.insert("calibration_tokens".into(), serde_json::json!(g.rows));
         }
         notes.insert("compress_seconds".into(), serde_json::json!(t_start.elapsed().as_secs_f64()));
+        // time this thread spent converting and writing factors (the fits overlap it on the GPU)
+        notes.insert("write_seconds".into(), serde_json::json!(write_seconds));
         let manifest = Manifest {
             format: FORMAT.into(),
             compactor_version: env!("CARGO_PKG_VERSION").into(),

@@ -1,0 +1,666 @@
+//! CUDA linear algebra for the pipeline and a batch-≤16 GEMV kernel for decode (feature `cuda`).
+//!
+//! Factorizations on the GPU follow one pattern: the Gram matrix of the smaller side (a cuBLAS
+//! GEMM through candle, f32), then cuSOLVER's symmetric eigensolver (`syevd`) on it, then GEMMs
+//! to form the factors. The weight never leaves the device between upload and the download of the
+//! factors; one host sync per eigensolve (to read `info`).
+//! - [`singular_values`]: σ_i = sqrt(λ_i(Gram)), values only (`jobz = N`).
+//! - [`truncated_svd`]: top-r eigenvectors of the Gram; A = U_r Σ_r, B = V_rᵀ (the CPU form).
+//! - [`tt_svd`]: TT-SVD (left to right), each bond a truncated left factor of the unfolding.
+//!
+//! Decode: [`gemv`] computes `y = x Wᵀ` for bf16 W (m × n, n % 8 == 0) and up to 16 rows of x in
+//! one pass over W: 16-byte loads, tensor-core `mma.m16n8k16` with f32 accumulation, 16 rows per
+//! block of 8 warps that split the columns (a CUDA-core variant is kept for comparison).
+//! [`low_rank_gemv`] is a low-rank layer as one op of two such passes. Each pass streams its
+//! factor once, so fewer bytes turn into speed, which cuBLAS's GEMM on skinny, odd-rank shapes
+//! does not do (ranks are zero-padded to a multiple of 8 on load). `COMPACTOR_GEMV=0|1|2`:
+//! cuBLAS, CUDA-core, tensor-core (default).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use cudarc::cusolver::{safe::DnHandle, sys as cs};
+use cudarc::driver::{DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+type CResult<T> = candle_core::Result<T>;
+
+fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
+    move |e| candle_core::Error::Msg(format!("{what}: {e:?}"))
+}
+
+/// Phase timing of the GPU fits (`COMPACTOR_GPU_TIMING=1`): each [`lap`] syncs the stream and
+/// adds the time since the previous lap of this thread to a phase; [`for_each_ordered`] prints
+/// the sums (over all streams) at the end.
+const PHASES: [&str; 6] = ["upload", "gram", "eigh", "factors", "download", "error"];
+static PHASE_NS: [std::sync::atomic::AtomicU64; 6] = [const { std::sync::atomic::AtomicU64::new(0) }; 6];
+
+thread_local! {
+    static LAST_LAP: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+fn timing_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("COMPACTOR_GPU_TIMING").map(|v| v == "1").unwrap_or(false))
+}
+
+/// Ends phase `phase` (an index into PHASES; `None` starts a new job) on `dev`.
+pub fn lap(dev: &candle_core::Device, phase: Option<usize>) {
+    if !timing_on() {
+        return;
+    }
+    let _ = dev.synchronize();
+    let now = std::time::Instant::now();
+    LAST_LAP.with(|l| {
+        if let (Some(p), Some(t)) = (phase, l.get()) {
+            PHASE_NS[p].fetch_add((now - t).as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        l.set(Some(now));
+    });
+}
+
+/// One cuSOLVER handle per CUDA stream (creating one costs milliseconds).
+fn solver(stream: &Arc<cudarc::driver::CudaStream>) -> CResult<Arc<DnHandle>> {
+    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<DnHandle>>>> = OnceLock::new();
+    let key = stream.cu_stream() as usize;
+    let mut map = HANDLES.get_or_init(Default::default).lock().unwrap();
+    if let Some(h) = map.get(&key) {
+        return Ok(h.clone());
+    }
+    let h = Arc::new(DnHandle::new(stream.clone()).map_err(ce("cusolverDnCreate"))?);
+    map.insert(key, h.clone());
+    Ok(h)
+}
+
+/// Symmetric eigendecomposition of an n×n f32 matrix: output (n+1) × n, rows 0..n the
+/// eigenvectors (row j = v_j, ascending λ; garbage without `vectors`), row n the eigenvalues.
+struct Eigh {
+    vectors: bool,
+}
+
+impl CustomOp1 for Eigh {
+    fn name(&self) -> &'static str {
+        "compactor-eigh"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg("eigh: the CUDA eigensolver runs on CUDA tensors only".into()))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let (n, n2) = l.shape().dims2()?;
+        if n != n2 || !l.is_contiguous() {
+            candle_core::bail!("eigh: expected a contiguous square matrix, got {:?}", l.shape());
+        }
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n * n);
+        let mut out = stream.alloc_zeros::<f32>((n + 1) * n).map_err(ce("alloc"))?;
+        stream.memcpy_dtod(&src, &mut out.slice_mut(0..n * n)).map_err(ce("copy"))?;
+        let h = solver(&stream)?;
+        let jobz = if self.vectors { cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR } else { cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_NOVECTOR };
+        let uplo = cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+        let ni = n as i32;
+        let mut info = stream.alloc_zeros::<i32>(1).map_err(ce("alloc"))?;
+        {
+            let (a_ptr, _ga) = out.device_ptr_mut(&stream);
+            let w_ptr = a_ptr + (n * n * 4) as u64;
+            let mut lwork: i32 = 0;
+            unsafe { cs::cusolverDnSsyevd_bufferSize(h.cu(), jobz, uplo, ni, a_ptr as *const f32, ni, w_ptr as *const f32, &mut lwork) }
+                .result()
+                .map_err(ce("cusolverDnSsyevd_bufferSize"))?;
+            let mut work = stream.alloc_zeros::<f32>(lwork.max(1) as usize).map_err(ce("alloc"))?;
+            let (wk, _gw) = work.device_ptr_mut(&stream);
+            let (ip, _gi) = info.device_ptr_mut(&stream);
+            unsafe { cs::cusolverDnSsyevd(h.cu(), jobz, uplo, ni, a_ptr as *mut f32, ni, w_ptr as *mut f32, wk as *mut f32, lwork, ip as *mut i32) }
+                .result()
+                .map_err(ce("cusolverDnSsyevd"))?;
+        }
+        let code = stream.clone_dtoh(&info).map_err(ce("info"))?[0];
+        if code != 0 {
+            candle_core::bail!("cusolverDnSsyevd failed (info = {code}) on a {n}×{n} Gram matrix");
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n + 1, n))))
+    }
+}
+
+/// Eigenvalues (ascending, length n) and, if asked, eigenvectors (row j = v_j) of a symmetric
+/// f32 matrix on a CUDA device.
+pub fn eigh(g: &Tensor, vectors: bool) -> CResult<(Tensor, Option<Tensor>)> {
+    let n = g.dim(0)?;
+    let out = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Eigh { vectors })?;
+    let vals = out.narrow(0, n, 1)?.squeeze(0)?;
+    Ok((vals, if vectors { Some(out.narrow(0, 0, n)?) } else { None }))
+}
+
+/// Gram matrix of the smaller side: `(W Wᵀ, true)` if m ≤ n, else `(Wᵀ W, false)`.
+fn gram(w: &Tensor) -> CResult<(Tensor, bool)> {
+    let (m, n) = w.dims2()?;
+    Ok(if m <= n { (w.matmul(&w.t()?)?, true) } else { (w.t()?.matmul(w)?, false) })
+}
+
+/// All min(m, n) singular values of an f32 matrix on the GPU, descending.
+pub fn singular_values(w: &Tensor) -> CResult<Vec<f64>> {
+    let (g, _) = gram(w)?;
+    lap(w.device(), Some(1));
+    let (vals, _) = eigh(&g, false)?;
+    let mut s: Vec<f64> = vals.to_vec1::<f32>()?.iter().map(|&v| (v.max(0.0) as f64).sqrt()).collect();
+    lap(w.device(), Some(2));
+    s.reverse();
+    Ok(s)
+}
+
+/// The top `r` eigenvectors of a Gram matrix as rows, largest first (r × k).
+fn top_rows(vecs: &Tensor, r: usize) -> CResult<Tensor> {
+    let k = vecs.dim(0)?;
+    let idx: Vec<u32> = (0..r).map(|i| (k - 1 - i) as u32).collect();
+    vecs.index_select(&Tensor::from_vec(idx, r, vecs.device())?, 0)
+}
+
+/// Leading left factor of `c` (rows × cols): `(U rows×r with orthonormal columns, Uᵀ c r×cols)`.
+pub fn left_truncate(c: &Tensor, r: usize) -> CResult<(Tensor, Tensor)> {
+    let (g, left) = gram(c)?;
+    lap(c.device(), Some(1));
+    let (_, vecs) = eigh(&g, true)?;
+    lap(c.device(), Some(2));
+    let top = top_rows(&vecs.expect("vectors asked for"), r)?;
+    if left {
+        // U = topᵀ, next = Uᵀ c
+        Ok((top.t()?.contiguous()?, top.matmul(c)?))
+    } else {
+        // V_r = topᵀ; c V_r = U Σ; next = Σ V_rᵀ
+        let us = c.matmul(&top.t()?)?;
+        let s = us.sqr()?.sum_keepdim(0)?.sqrt()?; // 1 × r
+        let u = us.broadcast_div(&s.clamp(1e-30, f64::MAX)?)?;
+        Ok((u, top.broadcast_mul(&s.t()?)?))
+    }
+}
+
+/// Rank-r truncated SVD in the CPU's form: A = U_r Σ_r (m × r), B = V_rᵀ (r × n).
+pub fn truncated_svd(w: &Tensor, r: usize) -> CResult<(Tensor, Tensor)> {
+    let (g, left) = gram(w)?;
+    lap(w.device(), Some(1));
+    let (_, vecs) = eigh(&g, true)?;
+    lap(w.device(), Some(2));
+    let top = top_rows(&vecs.expect("vectors asked for"), r)?;
+    if left {
+        // P = U_rᵀ W = Σ V_rᵀ: σ_j = ‖P_j‖, B = P / σ, A = U_r σ
+        let p = top.matmul(w)?;
+        let s = p.sqr()?.sum_keepdim(1)?.sqrt()?; // r × 1
+        let b = p.broadcast_div(&s.clamp(1e-30, f64::MAX)?)?;
+        let a = top.t()?.broadcast_mul(&s.t()?)?.contiguous()?;
+        Ok((a, b))
+    } else {
+        Ok((w.matmul(&top.t()?)?, top))
+    }
+}
+
+/// TT-SVD of W (m × n) into MPO cores (χ_{t-1}, m_t, n_t, χ_t), bond t capped at `caps[t]`.
+pub fn tt_svd(w: &Tensor, row_dims: &[usize], col_dims: &[usize], caps: &[usize]) -> CResult<Vec<Tensor>> {
+    let k = row_dims.len();
+    let mut shape = row_dims.to_vec();
+    shape.extend_from_slice(col_dims);
+    let perm: Vec<usize> = (0..k).flat_map(|t| [t, k + t]).collect();
+    let mut c = w.reshape(shape)?.permute(perm)?.contiguous()?.flatten_all()?;
+    let mut chi = 1usize;
+    let mut cores = Vec::with_capacity(k);
+    for t in 0..k - 1 {
+        let rows = chi * row_dims[t] * col_dims[t];
+        let cols = c.elem_count() / rows;
+        let r = caps[t].min(rows).min(cols);
+        let (u, next) = left_truncate(&c.reshape((rows, cols))?, r)?;
+        cores.push(u.reshape((chi, row_dims[t], col_dims[t], r))?);
+        c = next;
+        chi = r;
+    }
+    cores.push(c.reshape((chi, row_dims[k - 1], col_dims[k - 1], 1))?);
+    Ok(cores)
+}
+
+/// ‖W − Ŵ‖_F / ‖W‖_F on the device.
+pub fn rel_error(w: &Tensor, w_hat: &Tensor) -> CResult<f64> {
+    let r = (w - w_hat)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let t = w.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((r / t.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+/// The dense m × n matrix of MPO cores (contracted left to right, then the interleaved modes put
+/// back in row/column order): for measuring the error on the device.
+pub fn mpo_dense(cores: &[Tensor], row_dims: &[usize], col_dims: &[usize]) -> CResult<Tensor> {
+    let k = row_dims.len();
+    let mut acc = Tensor::ones((1, 1), DType::F32, cores[0].device())?;
+    for g in cores {
+        let (chi, mt, nt, b) = g.dims4()?;
+        acc = acc.matmul(&g.reshape((chi, mt * nt * b))?)?;
+        let left = acc.dim(0)?;
+        acc = acc.reshape((left * mt * nt, b))?;
+    }
+    let shape: Vec<usize> = row_dims.iter().zip(col_dims).flat_map(|(&a, &b)| [a, b]).collect();
+    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
+    let (m, n) = (row_dims.iter().product::<usize>(), col_dims.iter().product::<usize>());
+    acc.reshape(shape)?.permute(perm)?.contiguous()?.reshape((m, n))
+}
+
+/// A weight of the checkpoint as f32 on `device`: uploaded in its stored dtype, converted there,
+/// and checked for NaN/Inf there (the CPU loader names the first bad index if there is one).
+pub fn load_weight(ck: &crate::Checkpoint, name: &str, device: &candle_core::Device) -> crate::Result<Tensor> {
+    lap(device, None);
+    let (info, bytes, path) = ck.raw(name)?;
+    let src = crate::checkpoint::float_dtype(&info.dtype)
+        .ok_or_else(|| crate::Error::bad(path, format!("tensor `{name}` has dtype {} (expected BF16, F16 or F32)", info.dtype)))?;
+    let w = Tensor::from_raw_buffer(bytes, src, &info.shape, device)?.to_dtype(DType::F32)?;
+    // x − x is 0 for every finite x and NaN otherwise
+    let probe = (&w - &w)?.sum_all()?.to_scalar::<f32>()?;
+    if probe != 0.0 {
+        ck.tensor(name, DType::F32, &candle_core::Device::Cpu)?;
+        return Err(crate::Error::bad(path, format!("tensor `{name}` holds a non-finite value (NaN or Inf)")));
+    }
+    lap(device, Some(0));
+    Ok(w)
+}
+
+/// Runs `fit(i, device)` for every i in `todo` on several worker threads, each with its own CUDA
+/// stream on `device`'s GPU (eigensolves of one matrix leave most of the GPU idle), and hands
+/// the results to `sink` in `todo`'s order on this thread. `COMPACTOR_GPU_STREAMS` (default 4).
+pub fn for_each_ordered<T: Send>(
+    device: &candle_core::Device,
+    todo: &[usize],
+    fit: &(dyn Fn(usize, &candle_core::Device) -> crate::Result<T> + Sync),
+    sink: &mut dyn FnMut(usize, T) -> crate::Result<()>,
+    progress: &dyn crate::progress::Progress,
+) -> crate::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let ordinal = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+        _ => return Err(crate::Error::Invalid("for_each_ordered needs a CUDA device".into())),
+    };
+    let streams = std::env::var("COMPACTOR_GPU_STREAMS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(4).clamp(1, 16).min(todo.len().max(1));
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| -> crate::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, crate::Result<T>)>(streams);
+        for _ in 0..streams {
+            let tx = tx.clone();
+            let (next, stop) = (&next, &stop);
+            scope.spawn(move || {
+                let dev = match candle_core::Device::new_cuda_with_stream(ordinal) {
+                    Ok(d) => {
+                        single_stream(&d);
+                        d
+                    }
+                    Err(e) => {
+                        let _ = tx.send((usize::MAX, Err(e.into())));
+                        return;
+                    }
+                };
+                loop {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    if k >= todo.len() || stop.load(Ordering::SeqCst) || progress.cancelled() {
+                        return;
+                    }
+                    if tx.send((k, fit(todo[k], &dev))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut pending = std::collections::BTreeMap::new();
+        let mut want = 0usize;
+        let result = (|| -> crate::Result<()> {
+            for (k, res) in rx.iter() {
+                pending.insert(k, res?);
+                while let Some(v) = pending.remove(&want) {
+                    crate::progress::check(progress)?;
+                    sink(todo[want], v)?;
+                    want += 1;
+                }
+            }
+            crate::progress::check(progress)?;
+            if want < todo.len() {
+                return Err(crate::Error::Invalid(format!("GPU workers stopped after {want} of {} layers", todo.len())));
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::SeqCst);
+        // drain so that blocked workers can finish
+        drop(rx);
+        if timing_on() {
+            let parts: Vec<String> = PHASES.iter().zip(&PHASE_NS).map(|(n, t)| format!("{n} {:.2} s", t.load(Ordering::Relaxed) as f64 / 1e9)).collect();
+            eprintln!("GPU phases over {streams} streams (summed): {}", parts.join(", "));
+        }
+        result
+    })
+}
+
+/// Turns off cudarc's per-buffer event tracking on `dev`'s context. Compactor gives every CUDA
+/// device handle one stream and never shares a buffer between streams (each worker of
+/// [`for_each_ordered`] uploads, computes and downloads its own), so the events only cost
+/// time: two to three driver calls per kernel argument, which decode steps feel.
+pub fn single_stream(dev: &candle_core::Device) {
+    if let candle_core::Device::Cuda(c) = dev {
+        // SAFETY: see above; no buffer is used on two streams.
+        unsafe { c.disable_event_tracking() }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode GEMV
+
+const GEMV_SRC: &str = r#"
+__device__ __forceinline__ void unpack8(const uint4 v, float* f) {
+    f[0] = __uint_as_float(v.x << 16); f[1] = __uint_as_float(v.x & 0xffff0000u);
+    f[2] = __uint_as_float(v.y << 16); f[3] = __uint_as_float(v.y & 0xffff0000u);
+    f[4] = __uint_as_float(v.z << 16); f[5] = __uint_as_float(v.z & 0xffff0000u);
+    f[6] = __uint_as_float(v.w << 16); f[7] = __uint_as_float(v.w & 0xffff0000u);
+}
+__device__ __forceinline__ unsigned short to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+// y[b, i] = sum_j x[b, j] w[i, j]; w rows x cols (cols = 8 * cols8), x B x cols, y B x rows.
+// One warp computes R consecutive rows for all B inputs.
+template <int B, int R>
+__device__ void gemv(const uint4* __restrict__ w, const uint4* __restrict__ x, unsigned short* __restrict__ y, int rows, int cols8) {
+    const int lane = threadIdx.x & 31;
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int row0 = warp * R;
+    if (row0 >= rows) return;
+    float acc[R][B];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < B; b++) acc[r][b] = 0.f;
+    const uint4* wr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) wr[r] = w + (size_t)min(row0 + r, rows - 1) * cols8;
+#pragma unroll 4
+    for (int v = lane; v < cols8; v += 32) {
+        float wf[R][8];
+#pragma unroll
+        for (int r = 0; r < R; r++) unpack8(__ldcs(wr[r] + v), wf[r]);
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            float xf[8];
+            unpack8(__ldg(x + (size_t)b * cols8 + v), xf);
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            float s = acc[r][b];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            acc[r][b] = s;
+        }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (row0 + r < rows)
+#pragma unroll
+                for (int b = 0; b < B; b++) y[(size_t)b * rows + row0 + r] = to_bf16(acc[r][b]);
+    }
+}
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Tensor-core GEMV for 1..8 (NT = 1) or 9..16 (NT = 2) inputs. A block of 8 warps owns 16 rows
+// of w; its warps split the columns in 32-wide chunks (so short-row and few-row matrices still
+// keep many loads in flight) and add up through shared memory. Thread (g = lane/4, c = lane%4)
+// loads 8 consecutive columns of rows g and g+8 and of input g (+8): the same permutation of k
+// on both operands of mma.m16n8k16, so the dot products are unchanged.
+template <int NT>
+__device__ void gemv_tc(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x, unsigned short* __restrict__ y, int rows, int cols, int batch) {
+    __shared__ float red[8][16][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    const uint4* wa = (const uint4*)(w + (size_t)min(row0 + g, rows - 1) * cols);
+    const uint4* wb = (const uint4*)(w + (size_t)min(row0 + g + 8, rows - 1) * cols);
+    const uint4* xr[NT];
+    bool xv[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        int bi = g + 8 * t;
+        xv[t] = bi < batch;
+        xr[t] = (const uint4*)(x + (size_t)(xv[t] ? bi : 0) * cols);
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    const int cols8 = cols >> 3;
+    const int chunks = (cols8 + 3) >> 2;
+#pragma unroll 4
+    for (int ch = warp; ch < chunks; ch += 8) {
+        const int v = ch * 4 + c;
+        uint4 p = make_uint4(0, 0, 0, 0), q = make_uint4(0, 0, 0, 0);
+        if (v < cols8) { p = __ldcs(wa + v); q = __ldcs(wb + v); }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            uint4 r = make_uint4(0, 0, 0, 0);
+            if (xv[t] && v < cols8) r = __ldg(xr[t] + v);
+            mma16816(acc[t], p.x, q.x, p.y, q.y, r.x, r.y);
+            mma16816(acc[t], p.z, q.z, p.w, q.w, r.z, r.w);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        red[warp][g][8 * t + 2 * c] = acc[t][0];
+        red[warp][g][8 * t + 2 * c + 1] = acc[t][1];
+        red[warp][g + 8][8 * t + 2 * c] = acc[t][2];
+        red[warp][g + 8][8 * t + 2 * c + 1] = acc[t][3];
+    }
+    __syncthreads();
+    const int rr = threadIdx.x >> 4, cc = threadIdx.x & 15;
+    if (cc < batch && cc < 8 * NT && row0 + rr < rows) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) s += red[k][rr][cc];
+        y[(size_t)cc * rows + row0 + rr] = to_bf16(s);
+    }
+}
+extern "C" __global__ void gemv_tc8(const unsigned short* w, const unsigned short* x, unsigned short* y, int rows, int cols, int batch) { gemv_tc<1>(w, x, y, rows, cols, batch); }
+extern "C" __global__ void gemv_tc16(const unsigned short* w, const unsigned short* x, unsigned short* y, int rows, int cols, int batch) { gemv_tc<2>(w, x, y, rows, cols, batch); }
+#define GEMV(B, R) extern "C" __global__ void gemv_b##B(const uint4* w, const uint4* x, unsigned short* y, int rows, int cols8) { gemv<B, R>(w, x, y, rows, cols8); }
+GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
+GEMV(9, 4) GEMV(10, 4) GEMV(11, 4) GEMV(12, 4) GEMV(13, 4) GEMV(14, 4) GEMV(15, 4) GEMV(16, 4)
+"#;
+
+/// Rows of one warp for batch `b` (must match GEMV_SRC).
+fn rows_per_warp(b: usize) -> usize {
+    match b {
+        1..=2 => 1,
+        3..=8 => 2,
+        _ => 4,
+    }
+}
+
+fn gemv_ptx() -> CResult<&'static str> {
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        let opts = cudarc::nvrtc::CompileOptions { arch: Some("compute_80"), ..Default::default() };
+        cudarc::nvrtc::compile_ptx_with_opts(GEMV_SRC, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(format!("compiling the GEMV kernel with NVRTC: {e}")))
+}
+
+/// Which decode kernel [`gemv`] uses: 0 cuBLAS (no custom kernel), 1 the CUDA-core kernel,
+/// 2 the tensor-core kernel (default). `COMPACTOR_GEMV` sets the start value.
+static GEMV_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+fn gemv_mode() -> u8 {
+    use std::sync::atomic::Ordering;
+    match GEMV_MODE.load(Ordering::Relaxed) {
+        u8::MAX => {
+            let m = std::env::var("COMPACTOR_GEMV").ok().and_then(|v| v.parse::<u8>().ok()).unwrap_or(2).min(2);
+            GEMV_MODE.store(m, Ordering::Relaxed);
+            m
+        }
+        m => m,
+    }
+}
+
+/// See `linear::set_decode_kernel`.
+pub fn set_gemv_mode(mode: u8) {
+    GEMV_MODE.store(mode.min(2), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// y (b × m) = x (b × n) · w (m × n)ᵀ into a new buffer, with the kernel of `mode` (1 or 2).
+fn launch_gemv(
+    dev: &candle_core::cuda::CudaDevice,
+    mode: u8,
+    x: &cudarc::driver::CudaView<bf16>,
+    w: &cudarc::driver::CudaView<bf16>,
+    b: usize,
+    m: usize,
+    n: usize,
+) -> CResult<cudarc::driver::CudaSlice<bf16>> {
+    let mut y = unsafe { dev.alloc::<bf16>(b * m)? };
+    let (rows, cols) = (m as i32, n as i32);
+    if mode == 2 {
+        let name = if b <= 8 { "gemv_tc8" } else { "gemv_tc16" };
+        let func = dev.get_or_load_custom_func(name, "compactor_gemv", gemv_ptx()?)?;
+        let cfg = LaunchConfig { grid_dim: (m.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let batch = b as i32;
+        let mut builder = func.builder();
+        builder.arg(w);
+        builder.arg(x);
+        builder.arg(&mut y);
+        builder.arg(&rows);
+        builder.arg(&cols);
+        builder.arg(&batch);
+        unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
+    } else {
+        let func = dev.get_or_load_custom_func(&format!("gemv_b{b}"), "compactor_gemv", gemv_ptx()?)?;
+        let warps = m.div_ceil(rows_per_warp(b));
+        let cfg = LaunchConfig { grid_dim: (warps.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cols8 = cols / 8;
+        let mut builder = func.builder();
+        builder.arg(w);
+        builder.arg(x);
+        builder.arg(&mut y);
+        builder.arg(&rows);
+        builder.arg(&cols8);
+        unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
+    }
+    Ok(y)
+}
+
+fn check_operand(l: &Layout, what: &str) -> CResult<(usize, usize)> {
+    let (r, c) = l.shape().dims2()?;
+    if c % 8 != 0 || !l.is_contiguous() || l.start_offset() % 8 != 0 {
+        candle_core::bail!("gemv: {what} {:?} must be contiguous, 16-byte aligned, with a multiple of 8 columns", l.shape());
+    }
+    Ok((r, c))
+}
+
+/// `x Wᵀ` (one product).
+struct Gemv(u8);
+
+impl CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "compactor-gemv"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg("gemv: CUDA only".into()))
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let (b, n) = check_operand(xl, "x")?;
+        let (m, n2) = check_operand(wl, "W")?;
+        if n != n2 || !(1..=16).contains(&b) {
+            candle_core::bail!("gemv: unsupported shapes {:?} × {:?}ᵀ", xl.shape(), wl.shape());
+        }
+        let dev = xs.device().clone();
+        let x = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..xl.start_offset() + b * n);
+        let w = ws.as_cuda_slice::<bf16>()?.slice(wl.start_offset()..wl.start_offset() + m * n);
+        let y = launch_gemv(&dev, self.0, &x, &w, b, m, n)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, m))))
+    }
+}
+
+/// `(x Bᵀ) Aᵀ` (a low-rank layer) as one op: two launches, the r-wide intermediate stays on
+/// the device and never becomes a tensor.
+struct LowRankGemv(u8);
+
+impl candle_core::CustomOp3 for LowRankGemv {
+    fn name(&self) -> &'static str {
+        "compactor-low-rank-gemv"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg("gemv: CUDA only".into()))
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, bs: &CudaStorage, bl: &Layout, a_s: &CudaStorage, al: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let (b, n) = check_operand(xl, "x")?;
+        let (r, n2) = check_operand(bl, "B")?;
+        let (m, r2) = check_operand(al, "A")?;
+        if n != n2 || r != r2 || !(1..=16).contains(&b) {
+            candle_core::bail!("gemv: unsupported shapes {:?}, B {:?}, A {:?}", xl.shape(), bl.shape(), al.shape());
+        }
+        let dev = xs.device().clone();
+        let x = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..xl.start_offset() + b * n);
+        let bw = bs.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..bl.start_offset() + r * n);
+        let aw = a_s.as_cuda_slice::<bf16>()?.slice(al.start_offset()..al.start_offset() + m * r);
+        let t = launch_gemv(&dev, self.0, &x, &bw, b, r, n)?;
+        let y = launch_gemv(&dev, self.0, &t.slice(0..b * r), &aw, b, m, r)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, m))))
+    }
+}
+
+fn gemv_applies(x: &Tensor, ws: &[&Tensor]) -> CResult<bool> {
+    Ok(x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && x.rank() == 2
+        && (1..=16).contains(&x.dim(0)?)
+        && x.dim(1)? % 8 == 0
+        && !x.track_op()
+        && ws.iter().all(|w| w.dtype() == DType::BF16 && w.rank() == 2 && w.dim(1).map(|c| c % 8 == 0).unwrap_or(false) && !w.track_op()))
+}
+
+/// `x Wᵀ` through the decode kernel when it applies (bf16 on CUDA, 1–16 rows, n % 8 == 0, no
+/// gradient tracking); `None` otherwise (the caller uses a GEMM).
+pub fn gemv(x: &Tensor, w: &Tensor) -> CResult<Option<Tensor>> {
+    let mode = gemv_mode();
+    if mode == 0 || !gemv_applies(x, &[w])? {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Gemv(mode))?))
+}
+
+/// `(x Bᵀ) Aᵀ` through the decode kernel (see [`gemv`]); `None` where it does not apply.
+pub fn low_rank_gemv(x: &Tensor, b: &Tensor, a: &Tensor) -> CResult<Option<Tensor>> {
+    let mode = gemv_mode();
+    if mode == 0 || !gemv_applies(x, &[b, a])? {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, &a.contiguous()?, &LowRankGemv(mode))?))
+}
+
+/// Zero-pads the rank of a low-rank pair to a multiple of 8 (A m×r → m×r', B r×n → r'×n):
+/// the product is unchanged and the GEMV kernel's 16-byte loads stay aligned.
+pub fn pad_rank(a: Tensor, b: Tensor) -> CResult<(Tensor, Tensor)> {
+    let r = a.dim(1)?;
+    let pad = (8 - r % 8) % 8;
+    if pad == 0 {
+        return Ok((a, b));
+    }
+    let (m, n) = (a.dim(0)?, b.dim(1)?);
+    let a = Tensor::cat(&[&a, &Tensor::zeros((m, pad), a.dtype(), a.device())?], 1)?;
+    let b = Tensor::cat(&[&b, &Tensor::zeros((pad, n), b.dtype(), b.device())?], 0)?;
+    Ok((a, b))
+}
