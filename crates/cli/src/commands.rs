@@ -434,7 +434,7 @@ pub fn bench_linear(device: String, layers: usize, ratio: f64, batches: Vec<usiz
     println!("{:>5} {:>8} {:>13} {:>9} {:>16} {:>9} {:>9}", "batch", "kernel", "dense ms/step", "GB/s", "low-rank ms/step", "GB/s", "speedup");
     for &b in &batches {
         let mut best = (f64::MAX, f64::MAX);
-        for (name, mode) in [("cublas", 0u8), ("simt", 1), ("mma", 2)] {
+        for (name, mode) in [("cublas", 0u8), ("simt", 1), ("mma", 2), ("auto", 3)] {
             set_decode_kernel(mode);
             let (td, tl) = (time(&dense, b)?, time(&low, b)?);
             best = (best.0.min(td), best.1.min(tl));
@@ -442,6 +442,6 @@ pub fn bench_linear(device: String, layers: usize, ratio: f64, batches: Vec<usiz
         }
         println!("{:>5} {:>8} {:>13.3} {:>9} {:>16.3} {:>9} {:>8.2}x  (best dense vs best low-rank)", b, "best", best.0 * 1e3, "", best.1 * 1e3, "", best.0 / best.1);
     }
-    set_decode_kernel(2);
+    set_decode_kernel(3);
     Ok(())
 }

@@ -238,97 +238,93 @@ pub fn fingerprint(ck: &Checkpoint) -> Result<String> {
 }
 
 /// Writes tensors into safetensors shards of about `budget` bytes without holding them: each
-/// tensor's bytes go to a spill file as they arrive; closing a shard streams them, one tensor at
-/// a time, behind the header. Peak memory is one tensor, whatever the shard size. `finish` names
-/// the shards as Hugging Face does (`model.safetensors` when there is one).
+/// tensor's bytes go straight into the shard file behind a header region reserved up front
+/// (safetensors allows the header JSON to be padded with spaces), and closing the shard writes
+/// the header into it. Peak memory is one tensor, each byte is written once. A shard is closed
+/// early if its header would outgrow the reserve. `finish` names the shards as Hugging Face
+/// does (`model.safetensors` when there is one).
 pub struct ShardWriter {
     dir: PathBuf,
     budget: usize,
-    spill: Option<(PathBuf, std::fs::File)>,
-    pending: Vec<Spilled>,
+    open: Option<(PathBuf, std::fs::File)>,
+    pending: Vec<Placed>,
     pending_bytes: usize,
+    header_estimate: usize,
     written: Vec<(PathBuf, Vec<String>)>,
 }
 
-struct Spilled {
+struct Placed {
     name: String,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    offset: u64,
     len: usize,
 }
 
-/// A spilled tensor read back when the serializer asks for its bytes. A read error is kept
-/// (the View trait cannot return one) and turned into an error after the shard is written.
-struct SpillView<'a> {
-    t: &'a Spilled,
-    file: &'a std::fs::File,
-    failed: &'a std::cell::RefCell<Option<std::io::Error>>,
-}
-
-impl safetensors::View for SpillView<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.t.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.t.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; self.t.len];
-        if let Err(e) = self.file.read_exact_at(&mut buf, self.t.offset) {
-            self.failed.borrow_mut().get_or_insert(e);
-        }
-        std::borrow::Cow::Owned(buf)
-    }
-    fn data_len(&self) -> usize {
-        self.t.len
-    }
-}
+/// Bytes reserved for a shard's 8-byte length and header: data starts 1 MiB into the file.
+const HEADER_RESERVE: usize = 1 << 20;
 
 impl ShardWriter {
     pub fn new(dir: &Path, budget: usize) -> Self {
-        ShardWriter { dir: dir.to_path_buf(), budget: budget.max(1), spill: None, pending: vec![], pending_bytes: 0, written: vec![] }
+        ShardWriter { dir: dir.to_path_buf(), budget: budget.max(1), open: None, pending: vec![], pending_bytes: 0, header_estimate: 64, written: vec![] }
+    }
+
+    fn shard_path(&self) -> PathBuf {
+        self.dir.join(format!("shard-{:05}.safetensors", self.written.len() + 1))
     }
 
     pub fn add(&mut self, t: OwnedTensor) -> Result<()> {
-        use std::io::Write;
-        if self.pending_bytes + t.data.len() > self.budget && !self.pending.is_empty() {
+        use std::io::{Seek, Write};
+        // a generous bound on this tensor's header entry
+        let entry = t.name.len() + 96 + 24 * t.shape.len();
+        if !self.pending.is_empty() && (self.pending_bytes + t.data.len() > self.budget || self.header_estimate + entry > HEADER_RESERVE - 8) {
             self.flush()?;
         }
-        if self.spill.is_none() {
-            let path = self.dir.join(format!(".spill-{:05}", self.written.len() + 1));
-            let f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
-            self.spill = Some((path, f));
+        if self.open.is_none() {
+            let path = self.shard_path();
+            let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+            f.seek(std::io::SeekFrom::Start(HEADER_RESERVE as u64)).map_err(|e| Error::io(&path, e))?;
+            self.open = Some((path, f));
         }
-        let (path, file) = self.spill.as_mut().unwrap();
+        let (path, file) = self.open.as_mut().unwrap();
         file.write_all(&t.data).map_err(|e| Error::io(&*path, e))?;
-        self.pending.push(Spilled { name: t.name, dtype: t.dtype, shape: t.shape, offset: self.pending_bytes as u64, len: t.data.len() });
+        self.header_estimate += entry;
         self.pending_bytes += t.data.len();
+        self.pending.push(Placed { name: t.name, dtype: t.dtype, shape: t.shape, len: t.data.len() });
         Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
-        let path = self.dir.join(format!("shard-{:05}.safetensors", self.written.len() + 1));
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        let failed = std::cell::RefCell::new(None);
-        match self.spill.take() {
-            Some((spill_path, file)) => {
-                let views = self.pending.iter().map(|t| (t.name.clone(), SpillView { t, file: &file, failed: &failed }));
-                safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::bad(&path, format!("cannot write: {e}")))?;
-                if let Some(e) = failed.into_inner() {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(Error::io(&spill_path, e));
-                }
-                drop(file);
-                std::fs::remove_file(&spill_path).map_err(|e| Error::io(&spill_path, e))?;
-            }
-            None => crate::checkpoint::write_safetensors(&path, &[], Some(meta))?,
+        use std::io::{Seek, Write};
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+        let mut offset = 0usize;
+        for t in &self.pending {
+            let dtype = serde_json::to_value(t.dtype).expect("dtype serializes");
+            header.insert(t.name.clone(), serde_json::json!({ "dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + t.len] }));
+            offset += t.len;
         }
+        let mut json = serde_json::to_vec(&header).expect("header serializes");
+        let (path, mut file) = match self.open.take() {
+            Some(o) => o,
+            None => {
+                let path = self.shard_path();
+                let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+                (path, f)
+            }
+        };
+        if json.len() > HEADER_RESERVE - 8 {
+            return Err(Error::bad(&path, format!("safetensors header of {} bytes exceeds the reserved {} bytes", json.len(), HEADER_RESERVE - 8)));
+        }
+        json.resize(HEADER_RESERVE - 8, b' ');
+        file.seek(std::io::SeekFrom::Start(0)).map_err(|e| Error::io(&path, e))?;
+        file.write_all(&((HEADER_RESERVE - 8) as u64).to_le_bytes()).map_err(|e| Error::io(&path, e))?;
+        file.write_all(&json).map_err(|e| Error::io(&path, e))?;
+        file.set_len((HEADER_RESERVE + offset) as u64).map_err(|e| Error::io(&path, e))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
         self.written.push((path, self.pending.iter().map(|t| t.name.clone()).collect()));
         self.pending.clear();
         self.pending_bytes = 0;
+        self.header_estimate = 64;
         Ok(())
     }
 
@@ -366,18 +362,8 @@ pub fn factor_tensors(layer: &str, f: &compactor_decomp::Factorization, dtype: D
             match t.data {
                 TensorData::U8(v) => OwnedTensor { name, dtype: safetensors::Dtype::U8, shape: t.shape, data: v },
                 TensorData::F32(v) => match dtype {
-                    DType::BF16 => OwnedTensor {
-                        name,
-                        dtype: safetensors::Dtype::BF16,
-                        shape: t.shape,
-                        data: v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-                    },
-                    DType::F16 => OwnedTensor {
-                        name,
-                        dtype: safetensors::Dtype::F16,
-                        shape: t.shape,
-                        data: v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-                    },
+                    DType::BF16 => OwnedTensor { name, dtype: safetensors::Dtype::BF16, shape: t.shape, data: le_bytes(v.iter().map(|x| half::bf16::from_f32(*x).to_bits()), v.len()) },
+                    DType::F16 => OwnedTensor { name, dtype: safetensors::Dtype::F16, shape: t.shape, data: le_bytes(v.iter().map(|x| half::f16::from_f32(*x).to_bits()), v.len()) },
                     _ => OwnedTensor::from_f32(name, t.shape, &v),
                 },
             }
@@ -386,6 +372,20 @@ pub fn factor_tensors(layer: &str, f: &compactor_decomp::Factorization, dtype: D
 }
 
 /// Bytes `f` takes on disk when its f32 factors are stored as `dtype`.
+/// Little-endian bytes of 16-bit values.
+pub fn le_bytes(bits: impl Iterator<Item = u16>, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 * n);
+    for b in bits {
+        out.extend_from_slice(&b.to_le_bytes());
+    }
+    out
+}
+
 pub fn stored_bytes(f: &compactor_decomp::Factorization, dtype: DType) -> usize {
-    factor_tensors("x", f, dtype).iter().map(|t| t.data.len()).sum()
+    let elem = dtype.size_in_bytes();
+    let cp_weights = match f {
+        compactor_decomp::Factorization::Cp { weights, .. } => weights.len() * elem,
+        _ => 0,
+    };
+    cp_weights + f.factors().iter().map(|(_, t)| if t.is_quantized() { t.bytes() } else { t.numel() * elem }).sum::<usize>()
 }

@@ -10,11 +10,13 @@
 //!
 //! Decode: [`gemv`] computes `y = x Wᵀ` for bf16 W (m × n, n % 8 == 0) and up to 16 rows of x in
 //! one pass over W: 16-byte loads, tensor-core `mma.m16n8k16` with f32 accumulation, 16 rows per
-//! block of 8 warps that split the columns (a CUDA-core variant is kept for comparison).
+//! block of 8 warps that split the columns, or CUDA cores (one warp per 1–2 rows).
 //! [`low_rank_gemv`] is a low-rank layer as one op of two such passes. Each pass streams its
 //! factor once, so fewer bytes turn into speed, which cuBLAS's GEMM on skinny, odd-rank shapes
-//! does not do (ranks are zero-padded to a multiple of 8 on load). `COMPACTOR_GEMV=0|1|2`:
-//! cuBLAS, CUDA-core, tensor-core (default).
+//! does not do (ranks are zero-padded to a multiple of 8 on load). `COMPACTOR_GEMV=0|1|2|3`:
+//! cuBLAS, CUDA-core, tensor-core, auto (default). Per-launch host cost matters at decode: the
+//! kernels are looked up once, the intermediate uses a per-stream scratch buffer, and cudarc's
+//! event tracking is off (see [`single_stream`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaStorage;
@@ -247,6 +249,7 @@ pub fn mpo_dense(cores: &[Tensor], row_dims: &[usize], col_dims: &[usize]) -> CR
 /// and checked for NaN/Inf there (the CPU loader names the first bad index if there is one).
 pub fn load_weight(ck: &crate::Checkpoint, name: &str, device: &candle_core::Device) -> crate::Result<Tensor> {
     lap(device, None);
+    ck.prefault(name);
     let (info, bytes, path) = ck.raw(name)?;
     let src = crate::checkpoint::float_dtype(&info.dtype)
         .ok_or_else(|| crate::Error::bad(path, format!("tensor `{name}` has dtype {} (expected BF16, F16 or F32)", info.dtype)))?;
@@ -474,16 +477,12 @@ extern "C" __global__ void gemv_tc8(const unsigned short* w, const unsigned shor
 extern "C" __global__ void gemv_tc16(const unsigned short* w, const unsigned short* x, unsigned short* y, int rows, int cols, int batch) { gemv_tc<2>(w, x, y, rows, cols, batch); }
 #define GEMV(B, R) extern "C" __global__ void gemv_b##B(const uint4* w, const uint4* x, unsigned short* y, int rows, int cols8) { gemv<B, R>(w, x, y, rows, cols8); }
 GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
-GEMV(9, 4) GEMV(10, 4) GEMV(11, 4) GEMV(12, 4) GEMV(13, 4) GEMV(14, 4) GEMV(15, 4) GEMV(16, 4)
+GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
 "#;
 
 /// Rows of one warp for batch `b` (must match GEMV_SRC).
 fn rows_per_warp(b: usize) -> usize {
-    match b {
-        1..=2 => 1,
-        3..=8 => 2,
-        _ => 4,
-    }
+    if b <= 2 { 1 } else { 2 }
 }
 
 fn gemv_ptx() -> CResult<&'static str> {
@@ -497,27 +496,62 @@ fn gemv_ptx() -> CResult<&'static str> {
 }
 
 /// Which decode kernel [`gemv`] uses: 0 cuBLAS (no custom kernel), 1 the CUDA-core kernel,
-/// 2 the tensor-core kernel (default). `COMPACTOR_GEMV` sets the start value.
+/// 2 the tensor-core kernel, 3 auto (default): the CUDA-core kernel up to 8 rows of input,
+/// cuBLAS above (measured on an H200, batch 16: cuBLAS streams the weights fastest).
+/// `COMPACTOR_GEMV` sets the start value.
 static GEMV_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
-fn gemv_mode() -> u8 {
+fn gemv_mode(rows: usize) -> u8 {
     use std::sync::atomic::Ordering;
-    match GEMV_MODE.load(Ordering::Relaxed) {
+    let mode = match GEMV_MODE.load(Ordering::Relaxed) {
         u8::MAX => {
-            let m = std::env::var("COMPACTOR_GEMV").ok().and_then(|v| v.parse::<u8>().ok()).unwrap_or(2).min(2);
+            let m = std::env::var("COMPACTOR_GEMV").ok().and_then(|v| v.parse::<u8>().ok()).unwrap_or(3).min(3);
             GEMV_MODE.store(m, Ordering::Relaxed);
             m
         }
+        m => m,
+    };
+    match mode {
+        3 if rows <= 8 => 1,
+        3 => 0,
         m => m,
     }
 }
 
 /// See `linear::set_decode_kernel`.
 pub fn set_gemv_mode(mode: u8) {
-    GEMV_MODE.store(mode.min(2), std::sync::atomic::Ordering::Relaxed);
+    GEMV_MODE.store(mode.min(3), std::sync::atomic::Ordering::Relaxed);
 }
 
-/// y (b × m) = x (b × n) · w (m × n)ᵀ into a new buffer, with the kernel of `mode` (1 or 2).
+/// A kernel of the decode module on `dev`'s stream, loaded once (looking it up costs a driver
+/// call per launch otherwise, which decode steps feel).
+fn kernel(dev: &candle_core::cuda::CudaDevice, name: &str) -> CResult<cudarc::driver::CudaFunction> {
+    static FUNCS: OnceLock<Mutex<HashMap<(usize, String), cudarc::driver::CudaFunction>>> = OnceLock::new();
+    let key = (dev.cuda_stream().cu_stream() as usize, name.to_string());
+    let mut map = FUNCS.get_or_init(Default::default).lock().unwrap();
+    if let Some(f) = map.get(&key) {
+        return Ok(f.clone());
+    }
+    let f = dev.get_or_load_custom_func(name, "compactor_gemv", gemv_ptx()?)?.into_cuda_function();
+    map.insert(key, f.clone());
+    Ok(f)
+}
+
+/// This stream's scratch buffer (bf16) of at least `len` elements, and a guard that holds it.
+fn scratch(dev: &candle_core::cuda::CudaDevice, len: usize) -> CResult<(std::sync::MutexGuard<'static, HashMap<usize, cudarc::driver::CudaSlice<bf16>>>, cudarc::driver::CudaSlice<bf16>)> {
+    static BUFS: OnceLock<Mutex<HashMap<usize, cudarc::driver::CudaSlice<bf16>>>> = OnceLock::new();
+    let key = dev.cuda_stream().cu_stream() as usize;
+    let mut map = BUFS.get_or_init(Default::default).lock().unwrap();
+    let buf = match map.remove(&key) {
+        Some(b) if b.len() >= len => b,
+        _ => unsafe { dev.alloc::<bf16>(len.max(1 << 16))? },
+    };
+    Ok((map, buf))
+}
+
+/// y (b × m) = x (b × n) · w (m × n)ᵀ with the kernel of `mode` (1 or 2), into `out` if given
+/// (returns None) or a new buffer.
+#[allow(clippy::too_many_arguments)]
 fn launch_gemv(
     dev: &candle_core::cuda::CudaDevice,
     mode: u8,
@@ -526,36 +560,45 @@ fn launch_gemv(
     b: usize,
     m: usize,
     n: usize,
-) -> CResult<cudarc::driver::CudaSlice<bf16>> {
-    let mut y = unsafe { dev.alloc::<bf16>(b * m)? };
+    out: Option<&mut cudarc::driver::CudaSlice<bf16>>,
+) -> CResult<Option<cudarc::driver::CudaSlice<bf16>>> {
+    let stream = dev.cuda_stream();
+    let mut fresh = match out {
+        Some(_) => None,
+        None => Some(unsafe { dev.alloc::<bf16>(b * m)? }),
+    };
+    let y: &mut cudarc::driver::CudaSlice<bf16> = match (out, fresh.as_mut()) {
+        (Some(o), _) => o,
+        (None, Some(f)) => f,
+        (None, None) => unreachable!(),
+    };
     let (rows, cols) = (m as i32, n as i32);
     if mode == 2 {
-        let name = if b <= 8 { "gemv_tc8" } else { "gemv_tc16" };
-        let func = dev.get_or_load_custom_func(name, "compactor_gemv", gemv_ptx()?)?;
+        let func = kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })?;
         let cfg = LaunchConfig { grid_dim: (m.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let batch = b as i32;
-        let mut builder = func.builder();
+        let mut builder = stream.launch_builder(&func);
         builder.arg(w);
         builder.arg(x);
-        builder.arg(&mut y);
+        builder.arg(y);
         builder.arg(&rows);
         builder.arg(&cols);
         builder.arg(&batch);
         unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
     } else {
-        let func = dev.get_or_load_custom_func(&format!("gemv_b{b}"), "compactor_gemv", gemv_ptx()?)?;
+        let func = kernel(dev, &format!("gemv_b{b}"))?;
         let warps = m.div_ceil(rows_per_warp(b));
         let cfg = LaunchConfig { grid_dim: (warps.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let cols8 = cols / 8;
-        let mut builder = func.builder();
+        let mut builder = stream.launch_builder(&func);
         builder.arg(w);
         builder.arg(x);
-        builder.arg(&mut y);
+        builder.arg(y);
         builder.arg(&rows);
         builder.arg(&cols8);
         unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
     }
-    Ok(y)
+    Ok(fresh)
 }
 
 fn check_operand(l: &Layout, what: &str) -> CResult<(usize, usize)> {
@@ -587,7 +630,7 @@ impl CustomOp2 for Gemv {
         let dev = xs.device().clone();
         let x = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..xl.start_offset() + b * n);
         let w = ws.as_cuda_slice::<bf16>()?.slice(wl.start_offset()..wl.start_offset() + m * n);
-        let y = launch_gemv(&dev, self.0, &x, &w, b, m, n)?;
+        let y = launch_gemv(&dev, self.0, &x, &w, b, m, n, None)?.expect("a new buffer");
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, m))))
     }
 }
@@ -616,8 +659,14 @@ impl candle_core::CustomOp3 for LowRankGemv {
         let x = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..xl.start_offset() + b * n);
         let bw = bs.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..bl.start_offset() + r * n);
         let aw = a_s.as_cuda_slice::<bf16>()?.slice(al.start_offset()..al.start_offset() + m * r);
-        let t = launch_gemv(&dev, self.0, &x, &bw, b, r, n)?;
-        let y = launch_gemv(&dev, self.0, &t.slice(0..b * r), &aw, b, m, r)?;
+        // the r-wide intermediate lives in this stream's scratch buffer: the next layer's first
+        // kernel overwrites it only after this layer's second kernel has read it (stream order)
+        let mut scratch = scratch(&dev, b * r)?;
+        let t = launch_gemv(&dev, self.0, &x, &bw, b, r, n, Some(&mut scratch.1))?;
+        debug_assert!(t.is_none());
+        let y = launch_gemv(&dev, self.0, &scratch.1.slice(0..b * r), &aw, b, m, r, None)?.expect("a new buffer");
+        let (mut map, buf) = scratch;
+        map.insert(dev.cuda_stream().cu_stream() as usize, buf);
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, m))))
     }
 }
@@ -635,7 +684,7 @@ fn gemv_applies(x: &Tensor, ws: &[&Tensor]) -> CResult<bool> {
 /// `x Wᵀ` through the decode kernel when it applies (bf16 on CUDA, 1–16 rows, n % 8 == 0, no
 /// gradient tracking); `None` otherwise (the caller uses a GEMM).
 pub fn gemv(x: &Tensor, w: &Tensor) -> CResult<Option<Tensor>> {
-    let mode = gemv_mode();
+    let mode = gemv_mode(x.dim(0)?);
     if mode == 0 || !gemv_applies(x, &[w])? {
         return Ok(None);
     }
@@ -644,7 +693,7 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> CResult<Option<Tensor>> {
 
 /// `(x Bᵀ) Aᵀ` through the decode kernel (see [`gemv`]); `None` where it does not apply.
 pub fn low_rank_gemv(x: &Tensor, b: &Tensor, a: &Tensor) -> CResult<Option<Tensor>> {
-    let mode = gemv_mode();
+    let mode = gemv_mode(x.dim(0)?);
     if mode == 0 || !gemv_applies(x, &[b, a])? {
         return Ok(None);
     }

@@ -163,9 +163,9 @@ fn low_rank_gemv(x: &Tensor, b: &Tensor, a: &Tensor) -> Result<Option<Tensor>> {
     crate::gpu::low_rank_gemv(x, b, a)
 }
 
-/// Which CUDA kernel decode steps use: 0 cuBLAS GEMM, 1 CUDA-core GEMV, 2 tensor-core GEMV
-/// (the default; `COMPACTOR_GEMV` sets the start value), so that a benchmark can compare them in
-/// one run. No effect without CUDA.
+/// Which CUDA kernel decode steps use: 0 cuBLAS GEMM, 1 CUDA-core GEMV, 2 tensor-core GEMV,
+/// 3 auto (the default; `COMPACTOR_GEMV` sets the start value), so that a benchmark can
+/// compare them in one run. No effect without CUDA.
 pub fn set_decode_kernel(mode: u8) {
     #[cfg(feature = "cuda")]
     crate::gpu::set_gemv_mode(mode);

@@ -286,6 +286,9 @@ fn activation_error(w: &[f32], what: &Factorization, m: usize, n: usize, c: &[f6
 pub struct Fitted {
     pub factorization: Option<Factorization>,
     pub entry: LayerEntry,
+    /// The factor tensors ready to write, where the fit made them directly (GPU fits download
+    /// the factors in the stored dtype; `factorization` is then None).
+    pub tensors: Option<Vec<OwnedTensor>>,
 }
 
 /// Factorizes one layer as `r` says (no writing).
@@ -338,7 +341,7 @@ fn fitted(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, f: Factorization, re
         iterations,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    Fitted { factorization: Some(f), entry }
+    Fitted { factorization: Some(f), entry, tensors: None }
 }
 
 /// Whether [`fit_layer_gpu`] can fit this layer: svd or tt at a rank or ratio, fitted to W
@@ -368,42 +371,64 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         RankChoice::Ratio(q) => dc::rank_for_ratio(m, n, method, q, sites.as_ref())?,
         RankChoice::Tol(_) => return Err(Error::Invalid("tolerance fits run on the CPU".into())),
     };
-    let host = |t: &Tensor| -> Result<Factor> { Ok(Factor::new(t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?)) };
-    let (f, dense_hat) = match r.method {
+    let (factors, dense_hat): (Vec<Tensor>, Tensor) = match r.method {
         Method::Svd => {
             let (a, b) = gpu::truncated_svd(&w, rank)?;
             let hat = a.matmul(&b)?;
-            gpu::lap(device, Some(3));
-            (Factorization::LowRank { m, n, a: host(&a)?, b: host(&b)? }, hat)
+            (vec![a, b], hat)
         }
         Method::Tt => {
             let (rd, cd) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
             let caps = dc::tt::bonds_for_cap(&rd, &cd, rank);
             let cores = gpu::tt_svd(&w, &rd, &cd, &caps)?;
             let hat = gpu::mpo_dense(&cores, &rd, &cd)?;
-            gpu::lap(device, Some(3));
-            let cores = cores.iter().map(host).collect::<Result<Vec<_>>>()?;
-            (Factorization::Mpo { m, n, row_dims: rd, col_dims: cd, cores }, hat)
+            (cores, hat)
         }
         other => return Err(Error::Invalid(format!("{} fits run on the CPU", other.name()))),
     };
+    gpu::lap(device, Some(3));
+    // the factorization's form, from host factors (`values`) or, when the stored tensors come
+    // from the device directly, zero placeholders that only give the shapes to the manifest
+    let build = |values: &dyn Fn(&Tensor) -> Result<Vec<f32>>| -> Result<Factorization> {
+        let fac = |t: &Tensor| -> Result<Factor> { Ok(Factor::new(t.dims().to_vec(), values(t)?)) };
+        Ok(match r.method {
+            Method::Svd => Factorization::LowRank { m, n, a: fac(&factors[0])?, b: fac(&factors[1])? },
+            _ => {
+                let (rd, cd) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
+                Factorization::Mpo { m, n, row_dims: rd, col_dims: cd, cores: factors.iter().map(fac).collect::<Result<_>>()? }
+            }
+        })
+    };
+    let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
+    if r.quant.is_none() && gram.is_none() {
+        // the common case: factors leave the device once, already in the stored dtype
+        let placeholder = build(&|t: &Tensor| Ok(vec![0f32; t.elem_count()]))?;
+        let names: Vec<String> = placeholder.factors().into_iter().map(|(name, _)| name).collect();
+        let tensors = names
+            .iter()
+            .zip(&factors)
+            .map(|(name, t)| OwnedTensor::from_tensor(format!("{}{}{name}", spec.name, crate::compressed::FACTOR_INFIX), t, factor_dtype))
+            .collect::<Result<Vec<_>>>()?;
+        gpu::lap(device, Some(4));
+        let rel_error = gpu::rel_error(&w, &dense_hat)?;
+        gpu::lap(device, Some(5));
+        let mut out = fitted(ck, spec, r, placeholder, rel_error, None, 0, factor_dtype, t0);
+        out.factorization = None;
+        out.tensors = Some(tensors);
+        return Ok(out);
+    }
+    let f = build(&|t: &Tensor| Ok(t.flatten_all()?.to_vec1::<f32>()?))?;
     let f = match &r.quant {
         Some(q) => f.quantized(&to_dc_quant(q))?,
         None => f,
     };
     gpu::lap(device, Some(4));
-    let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
-    let (rel_error, act_error) = if r.quant.is_some() || gram.is_some() {
-        // measured on the host against the stored (quantized) factors
-        let wh = w.flatten_all()?.to_vec1::<f32>()?;
-        let rel = f.rel_error(dc::from_row_major(m, n, &wh).as_ref());
-        let act = match gram {
-            Some(c) => Some(activation_error(&wh, &f, m, n, c)?),
-            None => None,
-        };
-        (rel, act)
-    } else {
-        (gpu::rel_error(&w, &dense_hat)?, None)
+    // measured on the host against the stored (quantized) factors
+    let wh = w.flatten_all()?.to_vec1::<f32>()?;
+    let rel_error = f.rel_error(dc::from_row_major(m, n, &wh).as_ref());
+    let act_error = match gram {
+        Some(c) => Some(activation_error(&wh, &f, m, n, c)?),
+        None => None,
     };
     gpu::lap(device, Some(5));
     Ok(fitted(ck, spec, r, f, rel_error, act_error, 0, factor_dtype, t0))
@@ -598,7 +623,7 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
         let mut sink = |i: usize, fitted: Fitted| -> Result<()> {
             let t_write = Instant::now();
             let (spec, r) = (&specs[i], &resolved[i]);
-            for t in factor_tensors(&spec.name, fitted.factorization.as_ref().unwrap(), factor_dtype) {
+            for t in fitted.tensors.expect("the fit closure makes the tensors") {
                 writer.add(t)?;
             }
             ck.release(&format!("{}.weight", spec.name));
@@ -609,14 +634,21 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
         };
         let todo: Vec<usize> = (0..specs.len()).filter(|&i| compressed.contains(&format!("{}.weight", specs[i].name))).collect();
         progress.inc((specs.len() - todo.len()) as u64, "kept dense");
+        // fits (and the conversion of their factors to bytes) run on the workers; this thread writes
         let fit = |i: usize, dev: &Device| -> Result<Fitted> {
             let (spec, r) = (&specs[i], &resolved[i]);
             #[cfg(feature = "cuda")]
             if dev.is_cuda() && gpu_fits(r, whiten) {
-                return fit_layer_gpu(&ck, spec, r, grams.as_ref(), factor_dtype, dev);
+                let mut f = fit_layer_gpu(&ck, spec, r, grams.as_ref(), factor_dtype, dev)?;
+                if f.tensors.is_none() {
+                    f.tensors = Some(factor_tensors(&spec.name, f.factorization.as_ref().expect("host factors"), factor_dtype));
+                }
+                return Ok(f);
             }
             let _ = dev;
-            fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)
+            let mut f = fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)?;
+            f.tensors = Some(factor_tensors(&spec.name, f.factorization.as_ref().expect("host factors"), factor_dtype));
+            Ok(f)
         };
         if opts.device.is_cuda() {
             #[cfg(feature = "cuda")]
