@@ -50,6 +50,7 @@ def main():
     dev = torch.device("cuda")
     print(f"{len(mats)} linear matrices from {model} on {torch.cuda.get_device_name(0)}")
     total = {m: 0.0 for m in methods}
+    by_shape = {}
     t_load = 0.0
     for path, base, name, info in mats:
         t = time.perf_counter()
@@ -67,11 +68,18 @@ def main():
             elif m == "svd":
                 torch.linalg.svd(w, full_matrices=False)
             torch.cuda.synchronize()
-            total[m] += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            total[m] += dt
+            k = (m, tuple(info["shape"]))
+            c, tt = by_shape.get(k, (0, 0.0))
+            by_shape[k] = (c + 1, tt + dt)
     print(f"load+upload {t_load:.1f} s")
     for m in methods:
         label = {"gram": "Gram + torch.linalg.eigvalsh", "lowrank": "torch.svd_lowrank(q=1024)", "svd": "torch.linalg.svd"}[m]
         print(f"{label:32} {total[m]:8.1f} s over {len(mats)} matrices")
+        for (mm, shape), (c, tt) in sorted(by_shape.items()):
+            if mm == m:
+                print(f"    {str(shape):16} {c:4d} matrices, {1000 * tt / c:8.1f} ms each")
 
 
 if __name__ == "__main__":

@@ -161,13 +161,19 @@ fn top_rows(vecs: &Tensor, r: usize) -> CResult<Tensor> {
     vecs.index_select(&Tensor::from_vec(idx, r, vecs.device())?, 0)
 }
 
+/// The top `r` eigenvectors (rows, largest first) of the Gram matrix of `w`'s smaller side, and
+/// whether that side is the left one (W Wᵀ: left singular vectors; else right ones).
+fn top_gram_vectors(w: &Tensor, r: usize) -> CResult<(Tensor, bool)> {
+    let (g, left) = gram(w)?;
+    lap(w.device(), Some(1));
+    let (_, vecs) = eigh(&g, true)?;
+    lap(w.device(), Some(2));
+    Ok((top_rows(&vecs.expect("vectors asked for"), r)?, left))
+}
+
 /// Leading left factor of `c` (rows × cols): `(U rows×r with orthonormal columns, Uᵀ c r×cols)`.
 pub fn left_truncate(c: &Tensor, r: usize) -> CResult<(Tensor, Tensor)> {
-    let (g, left) = gram(c)?;
-    lap(c.device(), Some(1));
-    let (_, vecs) = eigh(&g, true)?;
-    lap(c.device(), Some(2));
-    let top = top_rows(&vecs.expect("vectors asked for"), r)?;
+    let (top, left) = top_gram_vectors(c, r)?;
     if left {
         // U = topᵀ, next = Uᵀ c
         Ok((top.t()?.contiguous()?, top.matmul(c)?))
@@ -182,11 +188,7 @@ pub fn left_truncate(c: &Tensor, r: usize) -> CResult<(Tensor, Tensor)> {
 
 /// Rank-r truncated SVD in the CPU's form: A = U_r Σ_r (m × r), B = V_rᵀ (r × n).
 pub fn truncated_svd(w: &Tensor, r: usize) -> CResult<(Tensor, Tensor)> {
-    let (g, left) = gram(w)?;
-    lap(w.device(), Some(1));
-    let (_, vecs) = eigh(&g, true)?;
-    lap(w.device(), Some(2));
-    let top = top_rows(&vecs.expect("vectors asked for"), r)?;
+    let (top, left) = top_gram_vectors(w, r)?;
     if left {
         // P = U_rᵀ W = Σ V_rᵀ: σ_j = ‖P_j‖, B = P / σ, A = U_r σ
         let p = top.matmul(w)?;
@@ -475,7 +477,7 @@ __device__ void gemv_tc(const unsigned short* __restrict__ w, const unsigned sho
 }
 extern "C" __global__ void gemv_tc8(const unsigned short* w, const unsigned short* x, unsigned short* y, int rows, int cols, int batch) { gemv_tc<1>(w, x, y, rows, cols, batch); }
 extern "C" __global__ void gemv_tc16(const unsigned short* w, const unsigned short* x, unsigned short* y, int rows, int cols, int batch) { gemv_tc<2>(w, x, y, rows, cols, batch); }
-#define GEMV(B, R) extern "C" __global__ void gemv_b##B(const uint4* w, const uint4* x, unsigned short* y, int rows, int cols8) { gemv<B, R>(w, x, y, rows, cols8); }
+#define GEMV(B, R) extern "C" __global__ void gemv_b##B(const uint4* w, const uint4* x, unsigned short* y, int rows, int cols8, int batch) { gemv<B, R>(w, x, y, rows, cols8); }
 GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
 GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
 "#;
@@ -572,32 +574,23 @@ fn launch_gemv(
         (None, Some(f)) => f,
         (None, None) => unreachable!(),
     };
-    let (rows, cols) = (m as i32, n as i32);
-    if mode == 2 {
-        let func = kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })?;
-        let cfg = LaunchConfig { grid_dim: (m.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let batch = b as i32;
-        let mut builder = stream.launch_builder(&func);
-        builder.arg(w);
-        builder.arg(x);
-        builder.arg(y);
-        builder.arg(&rows);
-        builder.arg(&cols);
-        builder.arg(&batch);
-        unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
+    // the tensor-core kernels take 16 rows per block of 8 warps and the column count; the
+    // CUDA-core ones 8 warps of 1–2 rows and the count of 8-column groups
+    let (func, blocks, cols) = if mode == 2 {
+        (kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })?, m.div_ceil(16), n as i32)
     } else {
-        let func = kernel(dev, &format!("gemv_b{b}"))?;
-        let warps = m.div_ceil(rows_per_warp(b));
-        let cfg = LaunchConfig { grid_dim: (warps.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let cols8 = cols / 8;
-        let mut builder = stream.launch_builder(&func);
-        builder.arg(w);
-        builder.arg(x);
-        builder.arg(y);
-        builder.arg(&rows);
-        builder.arg(&cols8);
-        unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
-    }
+        (kernel(dev, &format!("gemv_b{b}"))?, m.div_ceil(rows_per_warp(b)).div_ceil(8), (n / 8) as i32)
+    };
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (rows, batch) = (m as i32, b as i32);
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(w);
+    builder.arg(x);
+    builder.arg(y);
+    builder.arg(&rows);
+    builder.arg(&cols);
+    builder.arg(&batch);
+    unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
     Ok(fresh)
 }
 

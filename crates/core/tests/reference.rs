@@ -56,6 +56,34 @@ fn kv_cache_decoding_gives_the_same_logits_as_one_pass() {
     assert!(rel_l2(&stepped, &full) < 1e-5);
 }
 
+#[test]
+fn batched_decoding_gives_each_sequence_its_own_logits() {
+    // `bench decode --batch`: two different sequences through one KV cache, side by side
+    let ck = Checkpoint::open(fixture("granite-tiny")).unwrap();
+    let model = Model::load(&ck, DType::F32, &Device::Cpu).unwrap();
+    let (ids, _) = reference_logits("granite-tiny", "reference_logits_f32.safetensors");
+    let seqs: [&[u32]; 2] = [&ids[..20], &ids[20..40]];
+    let run = |seqs: &[&[u32]]| -> Tensor {
+        let rows = |range: std::ops::Range<usize>| -> Tensor {
+            let flat: Vec<u32> = seqs.iter().flat_map(|s| s[range.clone()].iter().copied()).collect();
+            Tensor::from_vec(flat, (seqs.len(), range.len()), &Device::Cpu).unwrap()
+        };
+        let mut cache = model.new_cache();
+        let mut parts = vec![model.forward(&rows(0..12), Some(&mut cache)).unwrap()];
+        for k in 12..20 {
+            parts.push(model.forward(&rows(k..k + 1), Some(&mut cache)).unwrap());
+        }
+        Tensor::cat(&parts, 1).unwrap()
+    };
+    let both = run(&seqs);
+    assert_eq!(both.dims()[..2], [2, 20]);
+    for (i, s) in seqs.iter().enumerate() {
+        let alone = run(&[s]);
+        let d = rel_l2(&both.narrow(0, i, 1).unwrap(), &alone);
+        assert!(d < 1e-5, "sequence {i}: batched vs alone rel. L2 {d}");
+    }
+}
+
 fn ppl_of(name: &str, text: &str) -> f64 {
     let ck = Checkpoint::open(fixture(name)).unwrap();
     let model = Model::load(&ck, DType::F32, &Device::Cpu).unwrap();
