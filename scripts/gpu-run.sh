@@ -129,4 +129,8 @@ python3 scripts/compare_cpu_gpu.py /tmp
 for k in 0 1 2 3; do COMPACTOR_GEMV=$k timeout 60 $B generate /tmp/gt-svd-cuda --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|kernel $k: |"; done
 timeout 120 $B bench linear --layers 40 --batch 1,16 --repeats 20
 fi
+if [ "$PART" = L ]; then
+step "issue 8: the Granite-8B-shaped linear stack alone (interleaved rounds, best of each)"
+timeout 200 $B bench linear --layers 40 --batch 1,16 --repeats 20
+fi
 echo; echo "=== done $(date +%T)"
