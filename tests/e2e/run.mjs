@@ -282,10 +282,35 @@ async function main() {
     await waitFor("the second result", async () => /tt-50/.test((await textOf("#run-result-card h3")) ?? ""), 300000);
   });
 
+  await step("a run can be cancelled, and leaves no variant behind", async () => {
+    // CP-ALS over every layer takes minutes here: the stop lands while compressing
+    await click("#nav-plan");
+    await setValue("#plan-method", "cp");
+    await click("#nav-run");
+    await type("#run-name", "to-be-cancelled");
+    const root = await exec("return document.getElementById('run-root').value;");
+    await click("#run-start");
+    await waitFor("a layer done", async () => (await findAll("#run-log .log-line:not(.note)")).length > 0, 120000);
+    await click("#run-cancel");
+    await waitFor("the run to stop", async () => (await textOf("#run-state")) === "stopped", 180000);
+    check(/stopped/.test((await textOf("#run-progress")) ?? ""), "the progress card says the run stopped");
+    check((await textOf("#error-text")) === null, "a stop the user asked for is not shown as an error");
+    // neither the variant nor its temporary folder is left anywhere under the runs folder
+    const left = [];
+    const walk = (d, depth) => {
+      for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+        if (e.name.includes("to-be-cancelled")) left.push(path.join(d, e.name));
+        if (e.isDirectory() && depth < 2) walk(path.join(d, e.name), depth + 1);
+      }
+    };
+    walk(root, 0);
+    check(left.length === 0, `nothing of the cancelled run under ${root}: ${left.join(", ")}`);
+  });
+
   const html = path.join(out, "report", "compactor-report.html");
   const pdf = html.replace(/\.html$/, ".pdf");
   await step("compare and save the report", async () => {
-    await click("#go-compare");
+    await click("#nav-compare");
     await waitFor("the comparison table", async () => (await findAll("#compare-table tbody tr")).length === 3, 120000);
     await type("#report-path", html);
     await click("#report-save");

@@ -633,7 +633,9 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
             Ok(())
         };
         let todo: Vec<usize> = (0..specs.len()).filter(|&i| compressed.contains(&format!("{}.weight", specs[i].name))).collect();
-        progress.inc((specs.len() - todo.len()) as u64, "kept dense");
+        for s in specs.iter().filter(|s| !compressed.contains(&format!("{}.weight", s.name))) {
+            progress.inc(1, &format!("{} kept dense", s.name));
+        }
         // fits (and the conversion of their factors to bytes) run on the workers; this thread writes
         let fit = |i: usize, dev: &Device| -> Result<Fitted> {
             let (spec, r) = (&specs[i], &resolved[i]);

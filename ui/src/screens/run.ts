@@ -1,7 +1,7 @@
 // Run: compress with the current plan (per-layer progress, elapsed, ETA, cancel), then evaluate.
-import { api, newJob, type JobEvent, type RunOutcome } from "../api";
+import { api, errorText, newJob, type JobEvent, type RunOutcome } from "../api";
 import { baseName, bytes, clear, count, h, num, pct, secs } from "../dom";
-import { guard, header, navigate, refreshNav, register, type Screen } from "../shell";
+import { guard, header, navigate, refreshNav, register, showError, type Screen } from "../shell";
 import { state } from "../state";
 import { currentPlan } from "./plan";
 
@@ -128,9 +128,13 @@ async function start(): Promise<void> {
   clear(resultBox);
   renderProgress();
   ticker = window.setInterval(() => renderProgress(), 500);
-  const r = await guard(() =>
-    api.runPlan(my, { plan: currentPlan(), name: nameInput.value || suggestedName(), eval_windows: Number(windowsInput.value) || 16, eval_text: textInput.value || null, runs_root: rootInput.value || null }, onEvent),
-  );
+  let r: RunOutcome | undefined;
+  try {
+    r = await api.runPlan(my, { plan: currentPlan(), name: nameInput.value || suggestedName(), eval_windows: Number(windowsInput.value) || 16, eval_text: textInput.value || null, runs_root: rootInput.value || null }, onEvent);
+  } catch (e) {
+    // a stop the user asked for is reported in the progress card, not as an error
+    if (!/^cancell?ed\.?$/i.test(errorText(e).trim())) showError(errorText(e));
+  }
   window.clearInterval(ticker);
   running = false;
   job = null;
