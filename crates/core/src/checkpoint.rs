@@ -327,7 +327,7 @@ fn mismatch_name(bytes: &[u8]) -> String {
 
 /// The bytes of plain numbers as stored in safetensors (little-endian; this is a
 /// little-endian target).
-fn le_bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
+pub(crate) fn le_bytes_of<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
     #[cfg(target_endian = "big")]
     compile_error!("safetensors bytes are written straight from memory: little-endian targets only");
     bytemuck::cast_slice(v).to_vec()
@@ -363,7 +363,7 @@ impl OwnedTensor {
         Ok(OwnedTensor { name: name.into(), dtype: st, shape, data })
     }
     pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, v: &[f32]) -> Self {
-        OwnedTensor { name: name.into(), dtype: safetensors::Dtype::F32, shape, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        OwnedTensor { name: name.into(), dtype: safetensors::Dtype::F32, shape, data: le_bytes_of(v) }
     }
 }
 

@@ -11,7 +11,7 @@
 //!
 //! The engine runs the model directly on its factors ([`CompressedModel`] is a [`WeightSource`]).
 
-use crate::checkpoint::{Checkpoint, OwnedTensor};
+use crate::checkpoint::{le_bytes_of, Checkpoint, OwnedTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::linear::{from_factorization, Linear};
@@ -362,8 +362,8 @@ pub fn factor_tensors(layer: &str, f: &compactor_decomp::Factorization, dtype: D
             match t.data {
                 TensorData::U8(v) => OwnedTensor { name, dtype: safetensors::Dtype::U8, shape: t.shape, data: v },
                 TensorData::F32(v) => match dtype {
-                    DType::BF16 => OwnedTensor { name, dtype: safetensors::Dtype::BF16, shape: t.shape, data: le_bytes(v.iter().map(|x| half::bf16::from_f32(*x).to_bits()), v.len()) },
-                    DType::F16 => OwnedTensor { name, dtype: safetensors::Dtype::F16, shape: t.shape, data: le_bytes(v.iter().map(|x| half::f16::from_f32(*x).to_bits()), v.len()) },
+                    DType::BF16 => OwnedTensor { name, dtype: safetensors::Dtype::BF16, shape: t.shape, data: le_bytes_of(&v.iter().map(|x| half::bf16::from_f32(*x)).collect::<Vec<_>>()) },
+                    DType::F16 => OwnedTensor { name, dtype: safetensors::Dtype::F16, shape: t.shape, data: le_bytes_of(&v.iter().map(|x| half::f16::from_f32(*x)).collect::<Vec<_>>()) },
                     _ => OwnedTensor::from_f32(name, t.shape, &v),
                 },
             }
@@ -372,15 +372,6 @@ pub fn factor_tensors(layer: &str, f: &compactor_decomp::Factorization, dtype: D
 }
 
 /// Bytes `f` takes on disk when its f32 factors are stored as `dtype`.
-/// Little-endian bytes of 16-bit values.
-pub fn le_bytes(bits: impl Iterator<Item = u16>, n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 * n);
-    for b in bits {
-        out.extend_from_slice(&b.to_le_bytes());
-    }
-    out
-}
-
 pub fn stored_bytes(f: &compactor_decomp::Factorization, dtype: DType) -> usize {
     let elem = dtype.size_in_bytes();
     let cp_weights = match f {

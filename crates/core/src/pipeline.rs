@@ -360,6 +360,7 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
     let (m, n) = w.dims2()?;
     let method = to_dc_method(r.method);
     let sites = sites_for(spec, r.sites);
+    let (rd, cd) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
     let rank = match rank_choice(r) {
         RankChoice::Rank(k) => {
             let max = dc::max_rank(m, n, method, sites.as_ref())?;
@@ -378,7 +379,6 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
             (vec![a, b], hat)
         }
         Method::Tt => {
-            let (rd, cd) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
             let caps = dc::tt::bonds_for_cap(&rd, &cd, rank);
             let cores = gpu::tt_svd(&w, &rd, &cd, &caps)?;
             let hat = gpu::mpo_dense(&cores, &rd, &cd)?;
@@ -393,10 +393,7 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         let fac = |t: &Tensor| -> Result<Factor> { Ok(Factor::new(t.dims().to_vec(), values(t)?)) };
         Ok(match r.method {
             Method::Svd => Factorization::LowRank { m, n, a: fac(&factors[0])?, b: fac(&factors[1])? },
-            _ => {
-                let (rd, cd) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
-                Factorization::Mpo { m, n, row_dims: rd, col_dims: cd, cores: factors.iter().map(fac).collect::<Result<_>>()? }
-            }
+            _ => Factorization::Mpo { m, n, row_dims: rd.clone(), col_dims: cd.clone(), cores: factors.iter().map(fac).collect::<Result<_>>()? },
         })
     };
     let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
@@ -639,17 +636,15 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
         // fits (and the conversion of their factors to bytes) run on the workers; this thread writes
         let fit = |i: usize, dev: &Device| -> Result<Fitted> {
             let (spec, r) = (&specs[i], &resolved[i]);
-            #[cfg(feature = "cuda")]
-            if dev.is_cuda() && gpu_fits(r, whiten) {
-                let mut f = fit_layer_gpu(&ck, spec, r, grams.as_ref(), factor_dtype, dev)?;
-                if f.tensors.is_none() {
-                    f.tensors = Some(factor_tensors(&spec.name, f.factorization.as_ref().expect("host factors"), factor_dtype));
-                }
-                return Ok(f);
+            let on_gpu = dev.is_cuda() && gpu_fits(r, whiten);
+            let mut f = match on_gpu {
+                #[cfg(feature = "cuda")]
+                true => fit_layer_gpu(&ck, spec, r, grams.as_ref(), factor_dtype, dev)?,
+                _ => fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)?,
+            };
+            if f.tensors.is_none() {
+                f.tensors = Some(factor_tensors(&spec.name, f.factorization.as_ref().expect("host factors"), factor_dtype));
             }
-            let _ = dev;
-            let mut f = fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)?;
-            f.tensors = Some(factor_tensors(&spec.name, f.factorization.as_ref().expect("host factors"), factor_dtype));
             Ok(f)
         };
         if opts.device.is_cuda() {
