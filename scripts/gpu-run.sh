@@ -2,7 +2,8 @@
 # One call on the lent GPU machine (../shared/docs/GPU.md): the CUDA binary built by
 # scripts/build-cuda.sh (.gpu/compactor), the stories260K fixture and its text copied to .gpu/,
 # the Vulkan loader .debs in .gl/. Results go to $OUT (log.txt and JSON files).
-#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D   (two calls: each must fit 10 minutes)
+#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E   (each call must fit 10 minutes)
+#   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full)
 set -uo pipefail
 PART=${1:-A}
 OUT=${OUT:-/tmp/gpu-out}
@@ -73,7 +74,7 @@ V=$(for v in svd tt tucker cp aa-svd aa-tt int8 aa-svd-healed; do [ -d /tmp/demo
 timeout 60 $B bench decode $G $V --device cuda --tokens 128 --repeats 3
 timeout 70 $B bench decode $G $V --device cpu --tokens 64 --repeats 2
 fi
-if [ "$PART" = D ]; then
+agree() {
 step "issue 8: CPU and GPU agree on granite-tiny: spectra, svd/tt plans at 0.5 (ranks, errors), perplexity"
 $B spectra $G --json --device cpu > /tmp/sp-cpu.json; $B spectra $G --json --device cuda > /tmp/sp-cuda.json
 for m in svd tt; do for d in cpu cuda; do
@@ -81,32 +82,53 @@ for m in svd tt; do for d in cpu cuda; do
   timeout 100 $B eval /tmp/gt-$m-$d --text $GT --device cuda --json > /tmp/gt-$m-$d-eval.json
 done; done
 python3 scripts/compare_cpu_gpu.py /tmp | tee "$OUT/agreement.txt"
-step "decode kernels give the same tokens: greedy bf16 generation, cuBLAS vs CUDA-core vs tensor-core vs fused GEMV"
+}
+tokens() {
+[ -d /tmp/gt-svd-cuda ] || timeout 100 $B compress $G --method svd --ratio 0.5 --device cuda --out /tmp/gt-svd-cuda > /dev/null
+step "decode kernels give the same tokens: greedy bf16 generation, cuBLAS vs CUDA-core vs tensor-core vs auto"
 for k in 0 1 2 3; do for v in $G /tmp/gt-svd-cuda; do
   COMPACTOR_GEMV=$k timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|kernel $k $(basename $v): |"
 done; done
-
-step "issue 8: decode-shaped products over a Granite-8B-shaped linear stack (40 layers): cuBLAS vs CUDA-core vs tensor-core vs fused GEMV"
-timeout 180 $B bench linear --layers 40 --batch 1,16 --repeats 20
-
+}
+linear() {
+step "issue 8: decode-shaped products over a Granite-8B-shaped linear stack (40 layers): kernels x schedules, dense vs low rank"
+timeout ${LINEAR_TIMEOUT:-240} $B bench linear --layers 40 --batch 1,16 --repeats 20
+}
+g8b() {
 L=${L:-40}
 step "issue 8: synthetic Granite-8B shapes, $L layers, bf16, on local disk"
 [ -f /tmp/g8b/config.json ] || timeout 400 $B synth --preset granite-8b --layers $L --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; du -sh /tmp/g8b
 cat /tmp/g8b/*.safetensors > /dev/null   # page cache, as for the PyTorch run
+}
+plans() {
 step "Compactor spectra of every linear matrix on the GPU (phase times summed over streams)"
 export COMPACTOR_GPU_TIMING=1
 /usr/bin/time -f "compactor spectra: %e s wall, %M KiB peak RSS" timeout 300 $B spectra /tmp/g8b --device cuda --json > /tmp/g8b-spectra.json
-for st in 1 8; do
-  COMPACTOR_GPU_STREAMS=$st timeout 200 $B spectra /tmp/g8b --device cuda --json --layers 'model.layers.[0-4].*' > /dev/null
-done
 for m in svd tt; do
   step "Compactor $m plan at 0.5, load -> compress -> save, on the GPU"
   /usr/bin/time -f "compress $m 0.5: %e s wall, %M KiB peak RSS" timeout 400 $B compress /tmp/g8b --method $m --ratio 0.5 --device cuda --out /tmp/g8b-$m > /dev/null
-  python3 -c "import json; m=json.load(open('/tmp/g8b-$m/compactor.json')); e=[l['rel_error'] for l in m['layers']]; n=m['notes']; print('$m', len(e), 'matrices, compress_seconds', round(n['compress_seconds'],1), 'write_seconds', round(n.get('write_seconds',0),1), 'linear_param_ratio', round(m['totals']['linear_param_ratio'],4), 'rel_error mean', round(sum(e)/len(e),4))"
+  python3 -c "import json; m=json.load(open('/tmp/g8b-$m/compactor.json')); e=[l['rel_error'] for l in m['layers']]; n=m['notes']; print('$m', len(e), 'matrices, compress_seconds', round(n['compress_seconds'],1), 'write_seconds', round(n.get('write_seconds',0),1), 'linear_param_ratio', round(m['totals']['linear_param_ratio'],4), 'rel_error mean', round(sum(e)/len(e),6))"
 done
 unset COMPACTOR_GPU_TIMING
-step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16 (fused GEMV)"
-timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1,16
+}
+decode_full() {
+step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16"
+timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16
+}
+svd_only() {
+step "Compactor svd plan at 0.5 (for decode)"
+[ -f /tmp/g8b-svd/compactor.json ] || timeout 200 $B compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-svd > /dev/null
+}
+# whole-model decode with and without programmatic dependent launches
+decode_pdl() {
+for pdl in 1 0; do
+step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16, COMPACTOR_PDL=$pdl"
+COMPACTOR_PDL=$pdl timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16
+done
+}
+# D: everything of issue 8 but the PyTorch baseline (two calls' worth: set STEPS to split it)
+if [ "$PART" = D ]; then
+for s in ${STEPS:-agree tokens linear g8b plans decode_full}; do $s; done
 fi
 if [ "$PART" = E ]; then
 L=${L:-40}
@@ -117,20 +139,5 @@ cat /tmp/g8b/*.safetensors > /dev/null
 timeout 300 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods gram,lowrank
 # torch.linalg.svd on a tenth of the matrices (every layer kind, layers 0-3): its full run does not fit the call
 timeout 200 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods svd --limit ${SVD_LIMIT:-28}
-fi
-if [ "$PART" = V ]; then
-step "issue 8, quick check after a refactor: CPU/GPU agreement, same tokens from every decode kernel, linear stack"
-$B spectra $G --json --device cpu > /tmp/sp-cpu.json; $B spectra $G --json --device cuda > /tmp/sp-cuda.json
-for m in svd tt; do for d in cpu cuda; do
-  timeout 100 $B compress $G --method $m --ratio 0.5 --device $d --out /tmp/gt-$m-$d > /dev/null
-  timeout 60 $B eval /tmp/gt-$m-$d --text $GT --device cuda --json --max-windows 50 > /tmp/gt-$m-$d-eval.json
-done; done
-python3 scripts/compare_cpu_gpu.py /tmp
-for k in 0 1 2 3; do COMPACTOR_GEMV=$k timeout 60 $B generate /tmp/gt-svd-cuda --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|kernel $k: |"; done
-timeout 120 $B bench linear --layers 40 --batch 1,16 --repeats 20
-fi
-if [ "$PART" = L ]; then
-step "issue 8: the Granite-8B-shaped linear stack alone (interleaved rounds, best of each)"
-timeout 200 $B bench linear --layers 40 --batch 1,16 --repeats 20
 fi
 echo; echo "=== done $(date +%T)"

@@ -389,68 +389,90 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
 /// dense stack against the low-rank stack at `ratio` of the parameters, batch 1 and 16, through
 /// the decode GEMV kernel and through cuBLAS, in one run on one device.
 pub fn bench_linear(device: String, layers: usize, ratio: f64, batches: Vec<usize>, repeats: usize) -> Result<()> {
-    use candle_core::{DType, Tensor};
-    use compactor_core::linear::{set_decode_kernel, Linear};
+    bench_linear_stack(device, layers, ratio, batches, repeats)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_linear_stack(_: String, _: usize, _: f64, _: Vec<usize>, _: usize) -> Result<()> {
+    Err(anyhow::anyhow!("`bench linear` measures the CUDA decode kernels: rebuild with `--features cuda` (scripts/build-cuda.sh)"))
+}
+
+/// The Granite-8B-shaped linear stack, dense against low rank, every kernel and schedule; the
+/// outputs of each schedule are checked against cuBLAS's.
+#[cfg(feature = "cuda")]
+fn bench_linear_stack(device: String, layers: usize, ratio: f64, batches: Vec<usize>, repeats: usize) -> Result<()> {
+    use compactor_core::decode_stack::{Schedule, Stack};
     let dev = compactor_core::device(&device)?;
     let sc = compactor_core::synth::SynthConfig::granite_8b();
     let (h, i, kv) = (sc.hidden, sc.intermediate, sc.kv_heads * (sc.hidden / sc.heads));
-    let shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)];
-    let rnd = |m: usize, n: usize, scale: f64| -> Result<Tensor> { Ok(Tensor::randn(0f32, scale as f32, (m, n), &dev)?.to_dtype(DType::BF16)?) };
-    let mut dense = Vec::new();
-    let mut low = Vec::new();
-    for _ in 0..layers {
-        for &(m, n) in &shapes {
-            let r = dc::rank_for_ratio(m, n, dc::Method::Svd, ratio, None)?;
-            dense.push(Linear::dense(rnd(m, n, 0.02)?, None));
-            low.push(Linear::low_rank(rnd(m, r, 0.02)?, rnd(r, n, 0.02)?, None)?);
+    let groups = [(h, vec![h, kv, kv]), (h, vec![h]), (h, vec![i, i]), (i, vec![h])];
+    // (schedule, kernels): host launches one per product as the model's layers do today, then
+    // grouped launches, CUDA graphs and programmatic dependent launches (custom kernels only)
+    // (graph, grouped, pdl) and kernels: host launches one per product as the model's layers do
+    // today, then grouped launches, CUDA graphs and programmatic dependent launches (custom
+    // kernels only)
+    let plan: [((bool, bool, bool), &[u8]); 6] = [
+        ((false, false, false), &[0, 1, 2]),
+        ((false, false, true), &[1, 2]),
+        ((false, true, false), &[0, 1]),
+        ((true, false, false), &[0, 1]),
+        ((true, true, false), &[0, 1, 2]),
+        ((true, true, true), &[1, 2]),
+    ];
+    let names = ["cublas", "simt", "mma"];
+    let mut scheds = Vec::new();
+    for ((graph, grouped, pdl), modes) in plan {
+        for &mode in modes {
+            scheds.push((names[mode as usize], Schedule { mode, grouped, graph, pdl }));
         }
     }
-    let bytes = |stack: &[Linear]| -> usize { stack.iter().flat_map(|l| l.factors()).map(|t| t.elem_count() * 2).sum() };
-    let (db, lb) = (bytes(&dense), bytes(&low));
-    let params = |stack: &[Linear]| -> usize { stack.iter().map(|l| l.params()).sum() };
-    println!(
-        "linear stack: {layers} layers x 7 matrices (Granite-8B shapes), bf16, {device}; dense {:.2} GB, low-rank at {ratio} of the parameters {:.2} GB ({:.3} of the params)",
-        db as f64 / 1e9,
-        lb as f64 / 1e9,
-        params(&low) as f64 / params(&dense) as f64
-    );
-    let time = |stack: &[Linear], batch: usize| -> Result<f64> {
-        let xs: std::collections::HashMap<usize, Tensor> = [h, i].iter().map(|&n| Ok((n, rnd(batch, n, 1.0)?))).collect::<Result<_>>()?;
-        let pass = || -> Result<()> {
-            for l in stack {
-                let _ = l.forward(&xs[&l.in_features()])?;
+    let label = |s: &Schedule| {
+        let mut l = String::from(if s.graph { "graph" } else { "launches" });
+        for (on, name) in [(s.grouped, ", grouped"), (s.pdl, ", PDL")] {
+            if on {
+                l.push_str(name);
             }
-            Ok(())
-        };
-        pass()?;
-        dev.synchronize()?;
-        let t = Instant::now();
-        for _ in 0..repeats.max(1) {
-            pass()?;
         }
-        dev.synchronize()?;
-        Ok(t.elapsed().as_secs_f64() / repeats.max(1) as f64)
+        l
     };
-    println!("{:>5} {:>8} {:>13} {:>9} {:>16} {:>9} {:>9}", "batch", "kernel", "dense ms/step", "GB/s", "low-rank ms/step", "GB/s", "speedup");
-    let kernels = [("cublas", 0u8), ("simt", 1), ("mma", 2), ("auto", 3)];
+    println!("{:>5} {:>23} {:>7} {:>9} {:>7} {:>9} {:>7} {:>8} {:>9}", "batch", "schedule", "kernel", "dense ms", "GB/s", "low ms", "GB/s", "speedup", "max diff");
     for &b in &batches {
-        // three interleaved rounds over every kernel and both stacks, best time of each kept, so
-        // that clock and allocator warm-up do not favour whichever runs last
-        let mut best = vec![(f64::MAX, f64::MAX); kernels.len()];
-        for _round in 0..3 {
-            for (k, &(_, mode)) in kernels.iter().enumerate() {
-                set_decode_kernel(mode);
-                best[k] = (best[k].0.min(time(&dense, b)?), best[k].1.min(time(&low, b)?));
+        let dense = Stack::random(&dev, layers, &groups, None, b)?;
+        let low = Stack::random(&dev, layers, &groups, Some(ratio), b)?;
+        let (db, lb) = (dense.weight_bytes(), low.weight_bytes());
+        println!("batch {b}: {layers} layers x 7 matrices (Granite-8B shapes), bf16; dense {:.2} GB, low rank at {ratio} of the parameters {:.2} GB per step", db as f64 / 1e9, lb as f64 / 1e9);
+        // three interleaved rounds, best of each, so that clocks and warm-up favour no one
+        let mut best = vec![(f64::MAX, f64::MAX); scheds.len()];
+        let mut diff = vec![0f64; scheds.len()];
+        for round in 0..3 {
+            let mut reference: [Option<(Vec<f32>, Vec<f32>)>; 2] = [None, None];
+            for (k, (_, sc)) in scheds.iter().enumerate() {
+                let td = dense.time(*sc, repeats, 1)?;
+                let tl = low.time(*sc, repeats, 1)?;
+                best[k] = (best[k].0.min(td), best[k].1.min(tl));
+                if round == 0 {
+                    let out = (dense.outputs()?, low.outputs()?);
+                    let slot = &mut reference[sc.grouped as usize];
+                    match slot {
+                        None => *slot = Some(out),
+                        Some((rd, rl)) => {
+                            let rel = |a: &[f32], r: &[f32]| {
+                                let scale = r.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+                                a.iter().zip(r).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64 / scale as f64
+                            };
+                            diff[k] = rel(&out.0, rd).max(rel(&out.1, rl));
+                        }
+                    }
+                }
             }
         }
-        for (k, &(name, _)) in kernels.iter().enumerate() {
+        for (k, (name, sc)) in scheds.iter().enumerate() {
             let (td, tl) = best[k];
-            println!("{:>5} {:>8} {:>13.3} {:>9.0} {:>16.3} {:>9.0} {:>8.2}x", b, name, td * 1e3, db as f64 / td / 1e9, tl * 1e3, lb as f64 / tl / 1e9, td / tl);
+            println!("{:>5} {:>23} {:>7} {:>9.3} {:>7.0} {:>9.3} {:>7.0} {:>7.2}x {:>9.1e}", b, label(sc), name, td * 1e3, db as f64 / td / 1e9, tl * 1e3, lb as f64 / tl / 1e9, td / tl, diff[k]);
         }
         let bd = best.iter().map(|t| t.0).fold(f64::MAX, f64::min);
         let bl = best.iter().map(|t| t.1).fold(f64::MAX, f64::min);
-        println!("{:>5} {:>8} {:>13.3} {:>9} {:>16.3} {:>9} {:>8.2}x  (best dense vs best low-rank)", b, "best", bd * 1e3, "", bl * 1e3, "", bd / bl);
+        println!("{:>5} {:>23} {:>7} {:>9.3} {:>7.0} {:>9.3} {:>7.0} {:>7.2}x  (best dense vs best low rank)", b, "best", "", bd * 1e3, db as f64 / bd / 1e9, bl * 1e3, lb as f64 / bl / 1e9, bd / bl);
     }
-    set_decode_kernel(3);
     Ok(())
 }

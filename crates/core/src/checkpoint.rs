@@ -139,17 +139,26 @@ impl Checkpoint {
         Ok((info, bytes, &shard.path))
     }
 
-    /// Maps a tensor's pages in one call (`MADV_POPULATE_READ`) instead of one page fault per
-    /// 4 KiB while it is copied; threads that fault concurrently on one mapping serialize.
-    /// Best effort: kernels before 5.14 do not know the advice.
-    pub fn prefault(&self, name: &str) {
-        if let Some(info) = self.tensors.get(name) {
-            let shard = &self.shards[info.shard];
-            let start = (shard.data_start + info.range.0) / 4096 * 4096;
-            let len = shard.data_start + info.range.1 - start;
-            #[cfg(target_os = "linux")]
-            let _ = shard.mmap.advise_range(memmap2::Advice::PopulateRead, start, len);
+    /// Reads a tensor's stored bytes into `dst` (its length must be the tensor's byte size) with
+    /// `pread`: no page faults on the mapping, so several threads read at full speed.
+    pub fn read_into(&self, name: &str, dst: &mut [u8]) -> Result<()> {
+        let (info, bytes, path) = self.raw(name)?;
+        if dst.len() != bytes.len() {
+            return Err(Error::Invalid(format!("read_into `{name}`: buffer of {} bytes for {} stored", dst.len(), bytes.len())));
         }
+        let shard = &self.shards[info.shard];
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(dst, (shard.data_start + info.range.0) as u64).map_err(|e| Error::io(path, e))?;
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (f, shard);
+            dst.copy_from_slice(bytes);
+        }
+        Ok(())
     }
 
     /// Tells the kernel that a tensor's pages are no longer needed (they are re-read from the
@@ -177,6 +186,12 @@ impl Checkpoint {
         let (info, bytes, path) = self.raw(name)?;
         let src = float_dtype(&info.dtype)
             .ok_or_else(|| Error::bad(path, format!("tensor `{name}` has dtype {} (expected BF16, F16 or F32)", info.dtype)))?;
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            // uploaded in the stored dtype through page-locked memory, checked on the device
+            let _ = (bytes, src);
+            return Ok(crate::gpu::load_weight(self, name, device)?.to_dtype(dtype)?);
+        }
         let t = Tensor::from_raw_buffer(bytes, src, &info.shape, &Device::Cpu)?.to_dtype(DType::F32)?;
         let bad = t.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite());
         if let Some(i) = bad {
@@ -354,6 +369,16 @@ impl OwnedTensor {
         let shape = t.dims().to_vec();
         // converted where it lives (on a GPU, half the bytes come back), copied once to the host
         let t = t.to_dtype(dtype)?.flatten_all()?;
+        #[cfg(feature = "cuda")]
+        if t.device().is_cuda() {
+            let st = match dtype {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::F16 => safetensors::Dtype::F16,
+                other => return Err(Error::Invalid(format!("cannot write dtype {other:?}"))),
+            };
+            return Ok(OwnedTensor { name: name.into(), dtype: st, shape, data: crate::gpu::download_bytes(&t)? });
+        }
         let (st, data) = match dtype {
             DType::F32 => (safetensors::Dtype::F32, le_bytes_of(&t.to_vec1::<f32>()?)),
             DType::BF16 => (safetensors::Dtype::BF16, le_bytes_of(&t.to_vec1::<half::bf16>()?)),

@@ -1,20 +1,25 @@
-//! CUDA linear algebra for the pipeline and a batch-≤16 GEMV kernel for decode (feature `cuda`).
+//! CUDA linear algebra for the pipeline and batch-≤16 GEMV kernels for decode (feature `cuda`).
 //!
 //! Factorizations on the GPU follow one pattern: the Gram matrix of the smaller side (a cuBLAS
 //! GEMM through candle, f32), then cuSOLVER's symmetric eigensolver (`syevd`) on it, then GEMMs
 //! to form the factors. The weight never leaves the device between upload and the download of the
-//! factors; one host sync per eigensolve (to read `info`).
+//! factors; one host sync per eigensolve (to read `info`). Weights are read with `pread` into a
+//! page-locked buffer per thread and uploaded in their stored dtype; factors come back the same
+//! way ([`download_bytes`]).
 //! - [`singular_values`]: σ_i = sqrt(λ_i(Gram)), values only (`jobz = N`).
 //! - [`truncated_svd`]: top-r eigenvectors of the Gram; A = U_r Σ_r, B = V_rᵀ (the CPU form).
 //! - [`tt_svd`]: TT-SVD (left to right), each bond a truncated left factor of the unfolding.
 //!
-//! Decode: [`gemv`] computes `y = x Wᵀ` for bf16 W (m × n, n % 8 == 0) and up to 16 rows of x in
-//! one pass over W: 16-byte loads, tensor-core `mma.m16n8k16` with f32 accumulation, 16 rows per
-//! block of 8 warps that split the columns, or CUDA cores (one warp per 1–2 rows).
-//! [`low_rank_gemv`] is a low-rank layer as one op of two such passes. Each pass streams its
-//! factor once, so fewer bytes turn into speed, which cuBLAS's GEMM on skinny, odd-rank shapes
-//! does not do (ranks are zero-padded to a multiple of 8 on load). `COMPACTOR_GEMV=0|1|2|3`:
-//! cuBLAS, CUDA-core, tensor-core, auto (default). Per-launch host cost matters at decode: the
+//! Decode: [`launch_products`] computes `y = x Wᵀ` for bf16 W (m × n, n % 8 == 0) and up to 16
+//! rows of x in one pass over W, for up to four products per launch (a grouped launch: q/k/v or
+//! gate/up of one layer, or the A factors of several low-rank layers). CUDA cores: 16-byte loads,
+//! 1–8 warps per 1–2 rows so that few, long rows still fill the GPU; tensor cores:
+//! `mma.m16n8k16`, 16 rows per block of 8 warps that split the columns. On compute capability 9.0+
+//! the kernels are programmatic dependent launches: each lets the next start early, and loads its
+//! first weights before it waits for the previous kernel's output. [`gemv`] and [`low_rank_gemv`]
+//! are the candle ops the model uses; `decode_stack` schedules whole stacks (grouped, as a CUDA
+//! graph). `COMPACTOR_GEMV=0|1|2|3`: cuBLAS, CUDA-core, tensor-core, auto (default);
+//! `COMPACTOR_PDL=0` turns programmatic launches off. Per-launch host cost matters at decode: the
 //! kernels are looked up once, the intermediate uses a per-stream scratch buffer, and cudarc's
 //! event tracking is off (see [`single_stream`]).
 
@@ -225,8 +230,8 @@ pub fn tt_svd(w: &Tensor, row_dims: &[usize], col_dims: &[usize], caps: &[usize]
 
 /// ‖W − Ŵ‖_F / ‖W‖_F on the device.
 pub fn rel_error(w: &Tensor, w_hat: &Tensor) -> CResult<f64> {
-    let r = (w - w_hat)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    let t = w.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let r = total(&(w - w_hat)?.sqr()?)?;
+    let t = total(&w.sqr()?)?;
     Ok((r / t.max(f64::MIN_POSITIVE)).sqrt())
 }
 
@@ -247,17 +252,114 @@ pub fn mpo_dense(cores: &[Tensor], row_dims: &[usize], col_dims: &[usize]) -> CR
     acc.reshape(shape)?.permute(perm)?.contiguous()?.reshape((m, n))
 }
 
+/// Device address of a tensor's first element (f32, bf16, f16 or u32 on CUDA).
+pub fn tensor_addr(t: &Tensor) -> CResult<u64> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(c) = &*s else { candle_core::bail!("expected a CUDA tensor") };
+    let dev = c.device();
+    let base = match c.dtype() {
+        DType::F32 => addr(dev, &c.as_cuda_slice::<f32>()?.slice(..)),
+        DType::BF16 => addr(dev, &c.as_cuda_slice::<bf16>()?.slice(..)),
+        DType::F16 => addr(dev, &c.as_cuda_slice::<half::f16>()?.slice(..)),
+        DType::U32 => addr(dev, &c.as_cuda_slice::<u32>()?.slice(..)),
+        other => candle_core::bail!("tensor_addr: dtype {other:?}"),
+    };
+    Ok(base + (l.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+thread_local! {
+    /// This thread's page-locked staging buffers: [0] uploads (write-combined), [1] downloads.
+    static STAGING: std::cell::RefCell<[Option<cudarc::driver::PinnedHostSlice<u8>>; 2]> = const { std::cell::RefCell::new([None, None]) };
+}
+
+/// Runs `f` on this thread's staging buffer `which` (see STAGING), grown to `len` bytes if needed.
+/// Copies from and to page-locked memory run at the bus's speed and from several threads at
+/// once; pageable ones go through the driver's own staging, one thread at a time.
+fn with_staging<R>(dev: &candle_core::cuda::CudaDevice, which: usize, len: usize, f: impl FnOnce(&mut [u8]) -> CResult<R>) -> CResult<R> {
+    STAGING.with(|st| {
+        let mut st = st.borrow_mut();
+        let slot = &mut st[which];
+        if slot.as_ref().is_none_or(|b| b.len() < len) {
+            *slot = None;
+            let ctx = dev.cuda_stream().context().clone();
+            let flags = if which == 0 { cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 };
+            *slot = Some(unsafe { ctx.alloc_pinned_with_flags::<u8>(len.max(1 << 20), flags) }.map_err(ce("cuMemHostAlloc"))?);
+        }
+        let buf = slot.as_mut().expect("allocated").as_mut_slice().map_err(ce("pinned buffer"))?;
+        f(&mut buf[..len])
+    })
+}
+
+/// A stored tensor uploaded in its stored dtype: read with `pread` into page-locked memory, then
+/// one asynchronous copy (no page faults on the mapping, no pageable copy).
+fn upload(ck: &crate::Checkpoint, name: &str, dtype: DType, shape: &[usize], dev: &candle_core::cuda::CudaDevice) -> crate::Result<Tensor> {
+    let len = shape.iter().product::<usize>() * dtype.size_in_bytes();
+    let mut read_err = None;
+    let t = with_staging(dev, 0, len, |buf| {
+        if let Err(e) = ck.read_into(name, buf) {
+            read_err = Some(e);
+            candle_core::bail!("read");
+        }
+        let stream = dev.cuda_stream();
+        fn copy_in<T: cudarc::driver::DeviceRepr>(dev: &candle_core::cuda::CudaDevice, src: &[u8]) -> CResult<cudarc::driver::CudaSlice<T>> {
+            let stream = dev.cuda_stream();
+            let mut d = unsafe { dev.alloc::<T>(src.len() / std::mem::size_of::<T>())? };
+            let (p, _g) = d.device_ptr_mut(&stream);
+            unsafe { cudarc::driver::result::memcpy_htod_async(p, src, stream.cu_stream()) }.map_err(ce("upload"))?;
+            drop(_g);
+            Ok(d)
+        }
+        let storage = match dtype {
+            DType::BF16 => CudaStorage::wrap_cuda_slice(copy_in::<bf16>(dev, buf)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(copy_in::<half::f16>(dev, buf)?, dev.clone()),
+            DType::F32 => CudaStorage::wrap_cuda_slice(copy_in::<f32>(dev, buf)?, dev.clone()),
+            other => candle_core::bail!("upload: dtype {other:?}"),
+        };
+        // the staging buffer is refilled by this thread's next upload
+        stream.synchronize().map_err(ce("sync"))?;
+        Ok(Tensor::from_storage(candle_core::Storage::Cuda(storage), shape.to_vec(), candle_core::op::BackpropOp::none(), false))
+    });
+    match (t, read_err) {
+        (_, Some(e)) => Err(e),
+        (t, None) => Ok(t?),
+    }
+}
+
+/// The bytes of a CUDA tensor (made contiguous), copied back through page-locked memory.
+pub fn download_bytes(t: &Tensor) -> crate::Result<Vec<u8>> {
+    let t = t.contiguous()?;
+    let candle_core::Device::Cuda(dev) = t.device() else { return Err(crate::Error::Invalid("download_bytes: not a CUDA tensor".into())) };
+    let len = t.elem_count() * t.dtype().size_in_bytes();
+    let src = tensor_addr(&t)?;
+    Ok(with_staging(dev, 1, len, |buf| {
+        let stream = dev.cuda_stream();
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(buf, src, stream.cu_stream()) }.map_err(ce("download"))?;
+        stream.synchronize().map_err(ce("sync"))?;
+        Ok(buf.to_vec())
+    })?)
+}
+
+/// Σ of all elements of a matrix, in two passes (row sums, then their sum): candle reduces to a
+/// single value with one thread block, which is slow on hundreds of MB.
+fn total(t: &Tensor) -> CResult<f64> {
+    let t = if t.rank() == 2 { t.clone() } else { t.flatten_all()?.unsqueeze(0)? };
+    Ok(t.sum(1)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+}
+
 /// A weight of the checkpoint as f32 on `device`: uploaded in its stored dtype, converted there,
 /// and checked for NaN/Inf there (the CPU loader names the first bad index if there is one).
 pub fn load_weight(ck: &crate::Checkpoint, name: &str, device: &candle_core::Device) -> crate::Result<Tensor> {
     lap(device, None);
-    ck.prefault(name);
-    let (info, bytes, path) = ck.raw(name)?;
+    let (info, _, path) = ck.raw(name)?;
     let src = crate::checkpoint::float_dtype(&info.dtype)
         .ok_or_else(|| crate::Error::bad(path, format!("tensor `{name}` has dtype {} (expected BF16, F16 or F32)", info.dtype)))?;
-    let w = Tensor::from_raw_buffer(bytes, src, &info.shape, device)?.to_dtype(DType::F32)?;
+    let w = match device {
+        candle_core::Device::Cuda(dev) => upload(ck, name, src, &info.shape, dev)?,
+        _ => return Err(crate::Error::Invalid("load_weight needs a CUDA device".into())),
+    };
+    let w = w.to_dtype(DType::F32)?;
     // x − x is 0 for every finite x and NaN otherwise
-    let probe = (&w - &w)?.sum_all()?.to_scalar::<f32>()?;
+    let probe = total(&(&w - &w)?)?;
     if probe != 0.0 {
         ck.tensor(name, DType::F32, &candle_core::Device::Cpu)?;
         return Err(crate::Error::bad(path, format!("tensor `{name}` holds a non-finite value (NaN or Inf)")));
@@ -367,52 +469,132 @@ __device__ __forceinline__ unsigned short to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }
-// y[b, i] = sum_j x[b, j] w[i, j]; w rows x cols (cols = 8 * cols8), x B x cols, y B x rows.
-// One warp computes R consecutive rows for all B inputs.
+// Programmatic dependent launch (sm_90+; no-ops before, and when not launched with it): a kernel
+// lets the next one start once all its blocks run, and waits for the previous one to finish only
+// where it first reads what that one wrote (x). Weights are never written, so their first loads
+// are issued before the wait and overlap the previous kernel's tail.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+// One product y = x Wᵀ of a launch: W rows x cols (bf16, cols % 8 == 0), x batch x cols with row
+// stride ldx, y batch x rows. A launch carries up to 4 products (a grouped launch); its blocks
+// are numbered consecutively over the products, product i starting at block first_block.
+struct Seg { const void* w; const void* x; unsigned short* y; int rows; int cols; int ldx; int split; int first_block; int pad; };
+struct Segs { Seg s[4]; int n; int batch; };
+__device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
+    int i = 0;
+    while (i + 1 < g.n && id >= g.s[i + 1].first_block) i++;
+    blk = id - g.s[i].first_block;
+    return g.s[i];
+}
+// CUDA cores: a block of 8 warps; `split` warps (1, 2, 4 or 8) share R consecutive rows, each
+// taking every split-th 32-lane column chunk, and add up through shared memory; so matrices with
+// few, long rows still keep every SM busy.
 template <int B, int R>
-__device__ void gemv(const uint4* __restrict__ w, const uint4* __restrict__ x, unsigned short* __restrict__ y, int rows, int cols8) {
-    const int lane = threadIdx.x & 31;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int row0 = warp * R;
-    if (row0 >= rows) return;
+__device__ void gemv(const Seg& s, int blk) {
+    __shared__ float red[8][R][B];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int split = s.split, groups = 8 / split;
+    const int grp = warp / split, part = warp - grp * split;
+    const int rows = s.rows, cols8 = s.cols >> 3, ldx8 = s.ldx >> 3;
+    const int row0 = (blk * groups + grp) * R;
+    const uint4* w = (const uint4*)s.w;
+    const uint4* x = (const uint4*)s.x;
     float acc[R][B];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < B; b++) acc[r][b] = 0.f;
+    pdl_launch_next();
+    const bool live = row0 < rows;
     const uint4* wr[R];
 #pragma unroll
     for (int r = 0; r < R; r++) wr[r] = w + (size_t)min(row0 + r, rows - 1) * cols8;
+    // the first P column chunks of this warp's rows, loaded before waiting for x
+    constexpr int P = 4;
+    const int v0 = part * 32 + lane, stride = 32 * split;
+    uint4 pre[P][R];
+#pragma unroll
+    for (int p = 0; p < P; p++)
+#pragma unroll
+        for (int r = 0; r < R; r++) pre[p][r] = (live && v0 + p * stride < cols8) ? __ldcs(wr[r] + v0 + p * stride) : make_uint4(0, 0, 0, 0);
+    pdl_wait();
+    if (live) {
+#pragma unroll
+        for (int p = 0; p < P; p++) {
+            const int v = v0 + p * stride;
+            if (v < cols8) {
+                float wf[R][8];
+#pragma unroll
+                for (int r = 0; r < R; r++) unpack8(pre[p][r], wf[r]);
+#pragma unroll
+                for (int b = 0; b < B; b++) {
+                    float xf[8];
+                    unpack8(__ldg(x + (size_t)b * ldx8 + v), xf);
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+#pragma unroll
+                        for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+                }
+            }
+        }
 #pragma unroll 4
-    for (int v = lane; v < cols8; v += 32) {
-        float wf[R][8];
+        for (int v = v0 + P * stride; v < cols8; v += stride) {
+            float wf[R][8];
 #pragma unroll
-        for (int r = 0; r < R; r++) unpack8(__ldcs(wr[r] + v), wf[r]);
+            for (int r = 0; r < R; r++) unpack8(__ldcs(wr[r] + v), wf[r]);
 #pragma unroll
-        for (int b = 0; b < B; b++) {
-            float xf[8];
-            unpack8(__ldg(x + (size_t)b * cols8 + v), xf);
+            for (int b = 0; b < B; b++) {
+                float xf[8];
+                unpack8(__ldg(x + (size_t)b * ldx8 + v), xf);
 #pragma unroll
-            for (int r = 0; r < R; r++)
+                for (int r = 0; r < R; r++)
 #pragma unroll
-                for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+                    for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+            }
         }
     }
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < B; b++) {
-            float s = acc[r][b];
+            float t = acc[r][b];
 #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-            acc[r][b] = s;
+            for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+            acc[r][b] = t;
         }
+    if (split == 1) {
+        if (lane == 0 && row0 < rows) {
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                if (row0 + r < rows)
+#pragma unroll
+                    for (int b = 0; b < B; b++) s.y[(size_t)b * rows + row0 + r] = to_bf16(acc[r][b]);
+        }
+        return;
+    }
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < R; r++)
-            if (row0 + r < rows)
 #pragma unroll
-                for (int b = 0; b < B; b++) y[(size_t)b * rows + row0 + r] = to_bf16(acc[r][b]);
+            for (int b = 0; b < B; b++) red[warp][r][b] = acc[r][b];
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < groups * R * B; t += blockDim.x) {
+        const int gg = t / (R * B), rb = t - gg * (R * B), r = rb / B, b = rb - r * B;
+        const int row = (blk * groups + gg) * R + r;
+        if (row < rows) {
+            float sum = 0.f;
+            for (int p = 0; p < split; p++) sum += red[gg * split + p][r][b];
+            s.y[(size_t)b * rows + row] = to_bf16(sum);
+        }
     }
 }
 __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
@@ -420,17 +602,22 @@ __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, uns
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// Tensor-core GEMV for 1..8 (NT = 1) or 9..16 (NT = 2) inputs. A block of 8 warps owns 16 rows
+// Tensor cores, for 1..8 (NT = 1) or 9..16 (NT = 2) inputs. A block of 8 warps owns 16 rows
 // of w; its warps split the columns in 32-wide chunks (so short-row and few-row matrices still
 // keep many loads in flight) and add up through shared memory. Thread (g = lane/4, c = lane%4)
 // loads 8 consecutive columns of rows g and g+8 and of input g (+8): the same permutation of k
 // on both operands of mma.m16n8k16, so the dot products are unchanged.
 template <int NT>
-__device__ void gemv_tc(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x, unsigned short* __restrict__ y, int rows, int cols, int batch) {
+__device__ void gemv_tc(const Seg& s, int blk, int batch) {
     __shared__ float red[8][16][16];
+    pdl_launch_next();
+    pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
-    const int row0 = blockIdx.x * 16;
+    const int rows = s.rows, cols = s.cols;
+    const int row0 = blk * 16;
+    const unsigned short* w = (const unsigned short*)s.w;
+    const unsigned short* x = (const unsigned short*)s.x;
     const uint4* wa = (const uint4*)(w + (size_t)min(row0 + g, rows - 1) * cols);
     const uint4* wb = (const uint4*)(w + (size_t)min(row0 + g + 8, rows - 1) * cols);
     const uint4* xr[NT];
@@ -439,7 +626,7 @@ __device__ void gemv_tc(const unsigned short* __restrict__ w, const unsigned sho
     for (int t = 0; t < NT; t++) {
         int bi = g + 8 * t;
         xv[t] = bi < batch;
-        xr[t] = (const uint4*)(x + (size_t)(xv[t] ? bi : 0) * cols);
+        xr[t] = (const uint4*)(x + (size_t)(xv[t] ? bi : 0) * s.ldx);
     }
     float acc[NT][4];
 #pragma unroll
@@ -469,28 +656,49 @@ __device__ void gemv_tc(const unsigned short* __restrict__ w, const unsigned sho
     __syncthreads();
     const int rr = threadIdx.x >> 4, cc = threadIdx.x & 15;
     if (cc < batch && cc < 8 * NT && row0 + rr < rows) {
-        float s = 0.f;
+        float sum = 0.f;
 #pragma unroll
-        for (int k = 0; k < 8; k++) s += red[k][rr][cc];
-        y[(size_t)cc * rows + row0 + rr] = to_bf16(s);
+        for (int k = 0; k < 8; k++) sum += red[k][rr][cc];
+        s.y[(size_t)cc * rows + row0 + rr] = to_bf16(sum);
     }
 }
-extern "C" __global__ void gemv_tc8(const unsigned short* w, const unsigned short* x, unsigned short* y, int rows, int cols, int batch) { gemv_tc<1>(w, x, y, rows, cols, batch); }
-extern "C" __global__ void gemv_tc16(const unsigned short* w, const unsigned short* x, unsigned short* y, int rows, int cols, int batch) { gemv_tc<2>(w, x, y, rows, cols, batch); }
-#define GEMV(B, R) extern "C" __global__ void gemv_b##B(const uint4* w, const uint4* x, unsigned short* y, int rows, int cols8, int batch) { gemv<B, R>(w, x, y, rows, cols8); }
+extern "C" __global__ void gemv_tc8(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<1>(s, blk, g.batch); }
+extern "C" __global__ void gemv_tc16(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<2>(s, blk, g.batch); }
+#define GEMV(B, R) extern "C" __global__ void gemv_b##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R>(s, blk); }
 GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
 GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
 "#;
 
-/// Rows of one warp for batch `b` (must match GEMV_SRC).
+/// Rows of one warp group for batch `b` (must match GEMV_SRC).
 fn rows_per_warp(b: usize) -> usize {
     if b <= 2 { 1 } else { 2 }
 }
 
-fn gemv_ptx() -> CResult<&'static str> {
+/// Warps that share a row group: more where there are few rows of many columns, so that a
+/// launch has ~8K warps in flight, but each lane still does at least two 16-byte loads per row.
+fn split_for(row_groups: usize, cols8: usize) -> usize {
+    let mut s = 1;
+    while s < 8 && row_groups * s < 8192 && cols8 >= 64 * s * 2 {
+        s *= 2;
+    }
+    s
+}
+
+/// Whether `dev` runs programmatic dependent launches (compute capability 9.0 or later), unless
+/// `COMPACTOR_PDL=0`.
+fn pdl_capable(dev: &candle_core::cuda::CudaDevice) -> bool {
+    static CAP: OnceLock<bool> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        let major = dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0);
+        major >= 9 && std::env::var("COMPACTOR_PDL").map(|v| v != "0").unwrap_or(true)
+    })
+}
+
+fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        let opts = cudarc::nvrtc::CompileOptions { arch: Some("compute_80"), ..Default::default() };
+        let arch = if pdl_capable(dev) { "compute_90" } else { "compute_80" };
+        let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
         cudarc::nvrtc::compile_ptx_with_opts(GEMV_SRC, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()
@@ -534,13 +742,13 @@ fn kernel(dev: &candle_core::cuda::CudaDevice, name: &str) -> CResult<cudarc::dr
     if let Some(f) = map.get(&key) {
         return Ok(f.clone());
     }
-    let f = dev.get_or_load_custom_func(name, "compactor_gemv", gemv_ptx()?)?.into_cuda_function();
+    let f = dev.get_or_load_custom_func(name, "compactor_gemv", gemv_ptx(dev)?)?.into_cuda_function();
     map.insert(key, f.clone());
     Ok(f)
 }
 
 /// This stream's scratch buffer (bf16) of at least `len` elements, and a guard that holds it.
-fn scratch(dev: &candle_core::cuda::CudaDevice, len: usize) -> CResult<(std::sync::MutexGuard<'static, HashMap<usize, cudarc::driver::CudaSlice<bf16>>>, cudarc::driver::CudaSlice<bf16>)> {
+fn scratch(dev: &candle_core::cuda::CudaDevice, len: usize) -> CResult<(ScratchMap, cudarc::driver::CudaSlice<bf16>)> {
     static BUFS: OnceLock<Mutex<HashMap<usize, cudarc::driver::CudaSlice<bf16>>>> = OnceLock::new();
     let key = dev.cuda_stream().cu_stream() as usize;
     let mut map = BUFS.get_or_init(Default::default).lock().unwrap();
@@ -551,47 +759,188 @@ fn scratch(dev: &candle_core::cuda::CudaDevice, len: usize) -> CResult<(std::syn
     Ok((map, buf))
 }
 
-/// y (b × m) = x (b × n) · w (m × n)ᵀ with the kernel of `mode` (1 or 2), into `out` if given
-/// (returns None) or a new buffer.
-#[allow(clippy::too_many_arguments)]
-fn launch_gemv(
-    dev: &candle_core::cuda::CudaDevice,
-    mode: u8,
-    x: &cudarc::driver::CudaView<bf16>,
-    w: &cudarc::driver::CudaView<bf16>,
-    b: usize,
-    m: usize,
-    n: usize,
-    out: Option<&mut cudarc::driver::CudaSlice<bf16>>,
-) -> CResult<Option<cudarc::driver::CudaSlice<bf16>>> {
+type ScratchMap = std::sync::MutexGuard<'static, HashMap<usize, cudarc::driver::CudaSlice<bf16>>>;
+
+/// Returns a buffer taken with [`scratch`].
+fn put_scratch(dev: &candle_core::cuda::CudaDevice, mut map: ScratchMap, buf: cudarc::driver::CudaSlice<bf16>) {
+    map.insert(dev.cuda_stream().cu_stream() as usize, buf);
+}
+
+/// One product of a launch: y (b × rows) = x (b × cols, row stride `ldx`) · W (rows × cols)ᵀ,
+/// all bf16, given by device address (16-byte aligned; cols and ldx multiples of 8).
+#[derive(Clone, Copy, Debug)]
+pub struct Product {
+    pub w: u64,
+    pub x: u64,
+    pub y: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub ldx: usize,
+}
+
+/// Kernel-side form of a launch (must match `Seg`/`Segs` in GEMV_SRC).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Seg {
+    w: u64,
+    x: u64,
+    y: u64,
+    rows: i32,
+    cols: i32,
+    ldx: i32,
+    split: i32,
+    first_block: i32,
+    pad: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Segs {
+    s: [Seg; 4],
+    n: i32,
+    batch: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's `Segs` parameter.
+unsafe impl cudarc::driver::DeviceRepr for Segs {}
+
+/// Device address of a view (one stream per device handle: see [`single_stream`]).
+fn addr<T>(dev: &candle_core::cuda::CudaDevice, v: &cudarc::driver::CudaView<T>) -> u64 {
+    use cudarc::driver::DevicePtr;
     let stream = dev.cuda_stream();
-    let mut fresh = match out {
-        Some(_) => None,
-        None => Some(unsafe { dev.alloc::<bf16>(b * m)? }),
-    };
-    let y: &mut cudarc::driver::CudaSlice<bf16> = match (out, fresh.as_mut()) {
-        (Some(o), _) => o,
-        (None, Some(f)) => f,
-        (None, None) => unreachable!(),
-    };
-    // the tensor-core kernels take 16 rows per block of 8 warps and the column count; the
-    // CUDA-core ones 8 warps of 1–2 rows and the count of 8-column groups
-    let (func, blocks, cols) = if mode == 2 {
-        (kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })?, m.div_ceil(16), n as i32)
+    let (p, _g) = v.device_ptr(&stream);
+    p
+}
+
+/// The kernel-side form of product `p` starting at block `first`, and its block count.
+fn seg_for(mode: u8, b: usize, p: &Product, first: usize) -> (Seg, usize) {
+    // tensor cores: 16 rows per block; CUDA cores: 8 warps in groups of `split`, each group 1–2 rows
+    let (split, nb) = if mode == 2 {
+        (0, p.rows.div_ceil(16))
     } else {
-        (kernel(dev, &format!("gemv_b{b}"))?, m.div_ceil(rows_per_warp(b)).div_ceil(8), (n / 8) as i32)
+        let groups = p.rows.div_ceil(rows_per_warp(b));
+        let split = split_for(groups, p.cols / 8);
+        (split, groups.div_ceil(8 / split))
     };
-    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (rows, batch) = (m as i32, b as i32);
-    let mut builder = stream.launch_builder(&func);
-    builder.arg(w);
-    builder.arg(x);
-    builder.arg(y);
-    builder.arg(&rows);
-    builder.arg(&cols);
-    builder.arg(&batch);
-    unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
-    Ok(fresh)
+    (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, pad: 0 }, nb)
+}
+
+fn check_batch(b: usize) -> CResult<()> {
+    if !(1..=16).contains(&b) {
+        candle_core::bail!("gemv: {b} input rows (1 to 16 supported)");
+    }
+    Ok(())
+}
+
+/// Runs `prods` (each with `b` input rows) on `dev`'s stream in this order: mode 1 (CUDA cores)
+/// or 2 (tensor cores) up to four products per launch (a grouped launch: give it products that do
+/// not read each other's outputs), mode 0 one cuBLAS GEMM each. With `pdl`, the launches are
+/// programmatic dependent launches where the GPU has them.
+pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, prods: &[Product], pdl: bool) -> CResult<()> {
+    check_batch(b)?;
+    if mode == 0 {
+        return prods.iter().try_for_each(|p| cublas_product(dev, b, p));
+    }
+    for chunk in prods.chunks(4) {
+        let mut segs = Segs { n: chunk.len() as i32, batch: b as i32, ..Default::default() };
+        let mut blocks = 0usize;
+        for (seg, p) in segs.s.iter_mut().zip(chunk) {
+            let (sg, nb) = seg_for(mode, b, p, blocks);
+            *seg = sg;
+            blocks += nb;
+        }
+        launch_segs(dev, mode, b, &segs, blocks, pdl)?;
+    }
+    Ok(())
+}
+
+fn launch_segs(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, segs: &Segs, blocks: usize, pdl: bool) -> CResult<()> {
+    let stream = dev.cuda_stream();
+    let func = if mode == 2 { kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })? } else { kernel(dev, &format!("gemv_b{b}"))? };
+    if pdl && pdl_capable(dev) {
+        launch_pdl(&stream, &func, blocks as u32, segs)
+    } else {
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(segs);
+        unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
+        Ok(())
+    }
+}
+
+/// A 256-thread launch of `func(segs)` that may start before the previous kernel on `stream`
+/// has finished (the kernels wait for it with `griddepcontrol.wait`).
+fn launch_pdl(stream: &cudarc::driver::CudaStream, func: &cudarc::driver::CudaFunction, blocks: u32, segs: &Segs) -> CResult<()> {
+    use cudarc::driver::sys;
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: 256,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut params = [segs as *const Segs as *mut std::ffi::c_void];
+    unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(ce("gemv launch (PDL)"))
+}
+
+/// Gives `dev`'s cuBLAS handle a workspace of its own (32 MiB, kept for the process), so that
+/// GEMMs captured into a CUDA graph never allocate.
+pub fn cublas_workspace(dev: &candle_core::cuda::CudaDevice) -> CResult<()> {
+    static SET: OnceLock<Mutex<HashMap<usize, cudarc::driver::CudaSlice<u8>>>> = OnceLock::new();
+    let blas = dev.cublas_handle();
+    let key = *blas.handle() as usize;
+    let mut map = SET.get_or_init(Default::default).lock().unwrap();
+    if map.contains_key(&key) {
+        return Ok(());
+    }
+    let len = 32 << 20;
+    let buf = unsafe { dev.alloc::<u8>(len)? };
+    let p = addr(dev, &buf.slice(..));
+    unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, len) }.result().map_err(ce("cublasSetWorkspace"))?;
+    map.insert(key, buf);
+    Ok(())
+}
+
+/// One product through cuBLAS (bf16 in and out, f32 accumulation): row-major y = x Wᵀ is the
+/// column-major Y (rows × b) = Wᵀ X.
+fn cublas_product(dev: &candle_core::cuda::CudaDevice, b: usize, p: &Product) -> CResult<()> {
+    use cudarc::cublas::sys as cb;
+    let blas = dev.cublas_handle();
+    let (alpha, beta) = (1f32, 0f32);
+    let bf = cb::cudaDataType_t::CUDA_R_16BF;
+    unsafe {
+        cb::cublasGemmEx(
+            *blas.handle(),
+            cb::cublasOperation_t::CUBLAS_OP_T,
+            cb::cublasOperation_t::CUBLAS_OP_N,
+            p.rows as i32,
+            b as i32,
+            p.cols as i32,
+            &alpha as *const f32 as *const _,
+            p.w as *const _,
+            bf,
+            p.cols as i32,
+            p.x as *const _,
+            bf,
+            p.ldx as i32,
+            &beta as *const f32 as *const _,
+            p.y as *mut _,
+            bf,
+            p.rows as i32,
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .result()
+    .map_err(ce("cublasGemmEx"))
 }
 
 fn check_operand(l: &Layout, what: &str) -> CResult<(usize, usize)> {
@@ -623,7 +972,9 @@ impl CustomOp2 for Gemv {
         let dev = xs.device().clone();
         let x = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..xl.start_offset() + b * n);
         let w = ws.as_cuda_slice::<bf16>()?.slice(wl.start_offset()..wl.start_offset() + m * n);
-        let y = launch_gemv(&dev, self.0, &x, &w, b, m, n, None)?.expect("a new buffer");
+        let y = unsafe { dev.alloc::<bf16>(b * m)? };
+        let p = Product { w: addr(&dev, &w), x: addr(&dev, &x), y: addr(&dev, &y.slice(..)), rows: m, cols: n, ldx: n };
+        launch_products(&dev, self.0, b, &[p], true)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, m))))
     }
 }
@@ -654,12 +1005,14 @@ impl candle_core::CustomOp3 for LowRankGemv {
         let aw = a_s.as_cuda_slice::<bf16>()?.slice(al.start_offset()..al.start_offset() + m * r);
         // the r-wide intermediate lives in this stream's scratch buffer: the next layer's first
         // kernel overwrites it only after this layer's second kernel has read it (stream order)
-        let mut scratch = scratch(&dev, b * r)?;
-        let t = launch_gemv(&dev, self.0, &x, &bw, b, r, n, Some(&mut scratch.1))?;
-        debug_assert!(t.is_none());
-        let y = launch_gemv(&dev, self.0, &scratch.1.slice(0..b * r), &aw, b, m, r, None)?.expect("a new buffer");
-        let (mut map, buf) = scratch;
-        map.insert(dev.cuda_stream().cu_stream() as usize, buf);
+        let (map, t) = scratch(&dev, b * r)?;
+        let y = unsafe { dev.alloc::<bf16>(b * m)? };
+        let ta = addr(&dev, &t.slice(..));
+        let first = Product { w: addr(&dev, &bw), x: addr(&dev, &x), y: ta, rows: r, cols: n, ldx: n };
+        let second = Product { w: addr(&dev, &aw), x: ta, y: addr(&dev, &y.slice(..)), rows: m, cols: r, ldx: r };
+        let res = launch_products(&dev, self.0, b, &[first], true).and_then(|_| launch_products(&dev, self.0, b, &[second], true));
+        put_scratch(&dev, map, t);
+        res?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, m))))
     }
 }

@@ -8,6 +8,8 @@
 pub mod checkpoint;
 pub mod compressed;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod decode_stack;
 pub mod error;
 pub mod eval;
 #[cfg(feature = "cuda")]
