@@ -494,6 +494,22 @@ __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
     blk = id - g.s[i].first_block;
     return g.s[i];
 }
+// acc[r][b] += Σ_k w_r[k] x_b[k] over the 8 columns of chunk v (w_r: that chunk of row r)
+template <int B, int R>
+__device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* x, int ldx8, int v, float (&acc)[R][B]) {
+    float wf[R][8];
+#pragma unroll
+    for (int r = 0; r < R; r++) unpack8(wv[r], wf[r]);
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+        float xf[8];
+        unpack8(__ldg(x + (size_t)b * ldx8 + v), xf);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+    }
+}
 // CUDA cores: a block of 8 warps; `split` warps (1, 2, 4 or 8) share R consecutive rows, each
 // taking every split-th 32-lane column chunk, and add up through shared memory; so matrices with
 // few, long rows still keep every SM busy.
@@ -528,37 +544,14 @@ __device__ void gemv(const Seg& s, int blk) {
     pdl_wait();
     if (live) {
 #pragma unroll
-        for (int p = 0; p < P; p++) {
-            const int v = v0 + p * stride;
-            if (v < cols8) {
-                float wf[R][8];
-#pragma unroll
-                for (int r = 0; r < R; r++) unpack8(pre[p][r], wf[r]);
-#pragma unroll
-                for (int b = 0; b < B; b++) {
-                    float xf[8];
-                    unpack8(__ldg(x + (size_t)b * ldx8 + v), xf);
-#pragma unroll
-                    for (int r = 0; r < R; r++)
-#pragma unroll
-                        for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
-                }
-            }
-        }
+        for (int p = 0; p < P; p++)
+            if (v0 + p * stride < cols8) fma_chunk<B, R>(pre[p], x, ldx8, v0 + p * stride, acc);
 #pragma unroll 4
         for (int v = v0 + P * stride; v < cols8; v += stride) {
-            float wf[R][8];
+            uint4 wv[R];
 #pragma unroll
-            for (int r = 0; r < R; r++) unpack8(__ldcs(wr[r] + v), wf[r]);
-#pragma unroll
-            for (int b = 0; b < B; b++) {
-                float xf[8];
-                unpack8(__ldg(x + (size_t)b * ldx8 + v), xf);
-#pragma unroll
-                for (int r = 0; r < R; r++)
-#pragma unroll
-                    for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
-            }
+            for (int r = 0; r < R; r++) wv[r] = __ldcs(wr[r] + v);
+            fma_chunk<B, R>(wv, x, ldx8, v, acc);
         }
     }
 #pragma unroll
