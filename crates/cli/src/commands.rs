@@ -315,7 +315,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         out: a.out.clone(),
         ratio: a.ratio,
         heal_steps: a.heal_steps,
-        eval: run::EvalOptions { max_windows: a.max_windows.unwrap_or(if dev.is_cuda() { 200 } else { 50 }), device: dev, ..Default::default() },
+        eval: run::EvalOptions { max_windows: a.max_windows, device: dev, ..Default::default() },
     };
     let t0 = Instant::now();
     let s = run::demo(&o, &Bar::new(false))?;

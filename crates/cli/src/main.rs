@@ -273,10 +273,8 @@ struct DemoArgs {
     /// Fraction of linear-layer parameters kept by every variant.
     #[arg(long, default_value_t = 0.5)]
     ratio: f64,
-    /// Evaluation windows (ctx 256) per model: default 200 (the perplexity protocol) on CUDA,
-    /// 50 on the CPU, where the CP variant's factored forward alone takes minutes per 50 windows.
-    #[arg(long)]
-    max_windows: Option<usize>,
+    #[arg(long, default_value_t = 200)]
+    max_windows: usize,
     #[arg(long, default_value_t = 60)]
     heal_steps: usize,
     #[arg(long, default_value = "cpu")]

@@ -235,22 +235,6 @@ pub fn rel_error(w: &Tensor, w_hat: &Tensor) -> CResult<f64> {
     Ok((r / t.max(f64::MIN_POSITIVE)).sqrt())
 }
 
-/// The dense m × n matrix of MPO cores (contracted left to right, then the interleaved modes put
-/// back in row/column order): for measuring the error on the device.
-pub fn mpo_dense(cores: &[Tensor], row_dims: &[usize], col_dims: &[usize]) -> CResult<Tensor> {
-    let k = row_dims.len();
-    let mut acc = Tensor::ones((1, 1), DType::F32, cores[0].device())?;
-    for g in cores {
-        let (chi, mt, nt, b) = g.dims4()?;
-        acc = acc.matmul(&g.reshape((chi, mt * nt * b))?)?;
-        let left = acc.dim(0)?;
-        acc = acc.reshape((left * mt * nt, b))?;
-    }
-    let shape: Vec<usize> = row_dims.iter().zip(col_dims).flat_map(|(&a, &b)| [a, b]).collect();
-    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
-    let (m, n) = (row_dims.iter().product::<usize>(), col_dims.iter().product::<usize>());
-    acc.reshape(shape)?.permute(perm)?.contiguous()?.reshape((m, n))
-}
 
 /// Device address of a tensor's first element (f32, bf16, f16 or u32 on CUDA).
 pub fn tensor_addr(t: &Tensor) -> CResult<u64> {

@@ -120,6 +120,10 @@ impl Linear {
                 Some(y) => y,
                 None => x2.matmul(&b.t()?)?.matmul(&a.t()?)?,
             },
+            // many rows (prefill, evaluation, training): contract the factors with each other
+            // first (m·n·χ), then one GEMM; site by site, every site streams rows × m × χ-sized
+            // temporaries through permuted copies (10–15× slower on a CPU at 1024 rows)
+            Linear::Mpo { .. } | Linear::Tucker { .. } | Linear::Cp { .. } if rows >= FACTORS_FIRST_ROWS => x2.matmul(&self.to_dense()?.t()?)?,
             Linear::Mpo { cores, .. } => mpo_apply(cores, &x2)?,
             Linear::Tucker { core, factors, m, .. } => tucker_apply(core, factors, *m, &x2)?,
             Linear::Cp { weights, factors, m, .. } => cp_apply(weights, factors, *m, &x2)?,
@@ -133,24 +137,21 @@ impl Linear {
         y.reshape(out)
     }
 
-    /// The dense W (m × n) this layer stands for (materialized: for export and checks only).
+    /// The dense W (m × n) this layer stands for, contracted from its factors (export, checks,
+    /// and `forward` on many rows).
     pub fn to_dense(&self) -> Result<Tensor> {
         match self {
             Linear::Dense { w, .. } => Ok(w.clone()),
-            Linear::LowRank { a, b, .. } => a.matmul(b),
-            _ => {
-                let n = self.in_features();
-                let eye = Tensor::eye(n, self.factors()[0].dtype(), self.factors()[0].device())?;
-                let bias = self.bias().cloned();
-                let y = match bias {
-                    Some(b) => (self.forward(&eye)?.broadcast_sub(&b))?,
-                    None => self.forward(&eye)?,
-                };
-                y.t()?.contiguous()
+            Linear::LowRank { a, b, .. } => Ok(a.matmul(b)?),
+            Linear::Mpo { cores, .. } => {
+                let rd: Vec<usize> = cores.iter().map(|g| g.dim(1)).collect::<candle_core::Result<_>>()?;
+                let cd: Vec<usize> = cores.iter().map(|g| g.dim(2)).collect::<candle_core::Result<_>>()?;
+                Ok(mpo_dense(cores, &rd, &cd)?)
             }
+            Linear::Tucker { core, factors, m, n, .. } => tucker_dense(core, factors, *m, *n),
+            Linear::Cp { weights, factors, .. } => cp_dense(weights, factors),
         }
-    }
-}
+    }}
 
 /// `x Wᵀ` through the CUDA decode kernel where it applies (decode steps in bf16), else `None`.
 #[cfg(feature = "cuda")]
@@ -244,6 +245,21 @@ fn tucker_apply(core: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Resu
     y.reshape((b, m))
 }
 
+/// Rows of input from which tensor-network layers contract their factors first (see `forward`).
+const FACTORS_FIRST_ROWS: usize = 64;
+
+/// Khatri–Rao product of site factors (d_s × R each, first site slowest): row
+/// (i_1, …, i_k) is the elementwise product of their rows.
+fn khatri_rao(fs: &[&Tensor]) -> Result<Tensor> {
+    let rank = fs[0].dim(1)?;
+    let mut kr = fs[0].clone();
+    for f in &fs[1..] {
+        let (a, d) = (kr.dim(0)?, f.dim(0)?);
+        kr = kr.reshape((a, 1, rank))?.broadcast_mul(&f.reshape((1, d, rank))?)?.reshape((a * d, rank))?;
+    }
+    Ok(kr)
+}
+
 /// CP over interleaved modes: z_r = Σ_j x_j Π_t B_t[j_t, r] (site by site), then
 /// y_i = Σ_r λ_r z_r Π_t A_t[i_t, r], the last site as a matmul.
 fn cp_apply(weights: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Result<Tensor> {
@@ -274,6 +290,44 @@ fn cp_apply(weights: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Resul
     let last = &factors[2 * (k - 1)];
     let y = u.reshape((b * mm, rank))?.matmul(&last.t()?)?;
     y.reshape((b, m))
+}
+
+/// The dense m × n matrix of MPO cores (contracted left to right, then the interleaved modes put
+/// back in row/column order).
+pub fn mpo_dense(cores: &[Tensor], row_dims: &[usize], col_dims: &[usize]) -> candle_core::Result<Tensor> {
+    let k = row_dims.len();
+    let mut acc = Tensor::ones((1, 1), cores[0].dtype(), cores[0].device())?;
+    for g in cores {
+        let (chi, mt, nt, b) = g.dims4()?;
+        acc = acc.matmul(&g.reshape((chi, mt * nt * b))?)?;
+        let left = acc.dim(0)?;
+        acc = acc.reshape((left * mt * nt, b))?;
+    }
+    let shape: Vec<usize> = row_dims.iter().zip(col_dims).flat_map(|(&a, &b)| [a, b]).collect();
+    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
+    let (m, n) = (row_dims.iter().product::<usize>(), col_dims.iter().product::<usize>());
+    acc.reshape(shape)?.permute(perm)?.contiguous()?.reshape((m, n))
+}
+
+/// The dense m × n matrix of a Tucker layer: the core's modes multiplied by the factors, then
+/// the interleaved (m_1, n_1, m_2, n_2, …) modes put in row/column order.
+fn tucker_dense(core: &Tensor, factors: &[Tensor], m: usize, n: usize) -> Result<Tensor> {
+    let k = factors.len() / 2;
+    let mut g = core.clone();
+    for (axis, f) in factors.iter().enumerate() {
+        g = mode_mul(&g, axis, &f.t()?)?; // r → m_t or n_t
+    }
+    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
+    Ok(g.permute(perm)?.contiguous()?.reshape((m, n))?)
+}
+
+/// The dense m × n matrix of a CP layer: KR(A) diag(λ) KR(B)ᵀ.
+fn cp_dense(weights: &Tensor, factors: &[Tensor]) -> Result<Tensor> {
+    let k = factors.len() / 2;
+    let rank = weights.dim(0)?;
+    let outputs: Vec<&Tensor> = (0..k).map(|s| &factors[2 * s]).collect();
+    let inputs: Vec<&Tensor> = (0..k).map(|s| &factors[2 * s + 1]).collect();
+    Ok(khatri_rao(&outputs)?.broadcast_mul(&weights.reshape((1, rank))?)?.matmul(&khatri_rao(&inputs)?.t()?)?)
 }
 
 /// Builds the runtime layer for a factorization (quantized factors are dequantized on load).

@@ -381,7 +381,7 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         Method::Tt => {
             let caps = dc::tt::bonds_for_cap(&rd, &cd, rank);
             let cores = gpu::tt_svd(&w, &rd, &cd, &caps)?;
-            let hat = gpu::mpo_dense(&cores, &rd, &cd)?;
+            let hat = crate::linear::mpo_dense(&cores, &rd, &cd)?;
             (cores, hat)
         }
         other => return Err(Error::Invalid(format!("{} fits run on the CPU", other.name()))),
