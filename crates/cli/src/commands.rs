@@ -266,9 +266,12 @@ pub fn heal(dir: PathBuf, text: PathBuf, steps: usize, lr: f64, ctx: usize, batc
     Ok(())
 }
 
-/// The bundled assets: `assets/` in the current directory, else beside the source tree.
+/// The bundled assets: `assets/` in the current directory, else beside the source tree (where
+/// cargo says it is when it runs us, else where this binary was built: a shared target
+/// directory may hold a binary built from a checkout at another path).
 fn assets_dir() -> Result<PathBuf> {
-    for c in [PathBuf::from("assets"), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets")] {
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR").map(|d| PathBuf::from(d).join("../../assets"));
+    for c in [Some(PathBuf::from("assets")), runtime, Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets"))].into_iter().flatten() {
         if c.join("models/granite-tiny/config.json").is_file() {
             return Ok(c);
         }

@@ -7,7 +7,7 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_compactor"))
 }
 fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+    std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))).join("../../../shared")
 }
 fn fixture(n: &str) -> PathBuf {
     shared().join("fixtures").join(n)

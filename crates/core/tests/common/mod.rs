@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// ../shared beside the repository (CI gets a read-only copy there).
 pub fn shared() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let p = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))).join("../../../shared");
     assert!(p.is_dir(), "shared/ not found beside the repository at {}", p.display());
     p
 }
