@@ -1,4 +1,4 @@
-//! Decode-shaped stacks of linear layers on the GPU, scheduled three ways (feature `cuda`): the
+//! Decode-shaped stacks of linear layers on the GPU, scheduled several ways (feature `cuda`): the
 //! measurement of issue 8's decode goal.
 //!
 //! A transformer block's seven products are four groups by input: q/k/v and gate/up read the
@@ -11,7 +11,9 @@
 //!   A products (see [`crate::gpu::launch_products`]);
 //! and either launched from the host step by step or replayed as a captured CUDA graph, which
 //! takes the per-launch host cost (several µs, as much as the low-rank stack's bytes take to
-//! stream) out of every step.
+//! stream) out of every step; with or without programmatic dependent launches, which overlap
+//! each kernel's start with the previous one's tail. The products run one after another in
+//! stream order, as a model's would (each kernel waits for the previous one).
 
 use crate::gpu::{launch_products, tensor_addr as addr, Product};
 use candle_core::{DType, Device, Tensor};
