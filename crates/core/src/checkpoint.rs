@@ -183,15 +183,14 @@ impl Checkpoint {
     /// Loads a floating-point tensor, converted to `dtype`, on `device`. Non-finite values are
     /// an error naming the tensor and the file.
     pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let (info, bytes, path) = self.raw(name)?;
-        let src = float_dtype(&info.dtype)
-            .ok_or_else(|| Error::bad(path, format!("tensor `{name}` has dtype {} (expected BF16, F16 or F32)", info.dtype)))?;
         #[cfg(feature = "cuda")]
         if device.is_cuda() {
             // uploaded in the stored dtype through page-locked memory, checked on the device
-            let _ = (bytes, src);
             return Ok(crate::gpu::load_weight(self, name, device)?.to_dtype(dtype)?);
         }
+        let (info, bytes, path) = self.raw(name)?;
+        let src = float_dtype(&info.dtype)
+            .ok_or_else(|| Error::bad(path, format!("tensor `{name}` has dtype {} (expected BF16, F16 or F32)", info.dtype)))?;
         let t = Tensor::from_raw_buffer(bytes, src, &info.shape, &Device::Cpu)?.to_dtype(DType::F32)?;
         let bad = t.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite());
         if let Some(i) = bad {
@@ -369,21 +368,20 @@ impl OwnedTensor {
         let shape = t.dims().to_vec();
         // converted where it lives (on a GPU, half the bytes come back), copied once to the host
         let t = t.to_dtype(dtype)?.flatten_all()?;
+        let st = match dtype {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::F16 => safetensors::Dtype::F16,
+            other => return Err(Error::Invalid(format!("cannot write dtype {other:?}"))),
+        };
         #[cfg(feature = "cuda")]
         if t.device().is_cuda() {
-            let st = match dtype {
-                DType::F32 => safetensors::Dtype::F32,
-                DType::BF16 => safetensors::Dtype::BF16,
-                DType::F16 => safetensors::Dtype::F16,
-                other => return Err(Error::Invalid(format!("cannot write dtype {other:?}"))),
-            };
             return Ok(OwnedTensor { name: name.into(), dtype: st, shape, data: crate::gpu::download_bytes(&t)? });
         }
-        let (st, data) = match dtype {
-            DType::F32 => (safetensors::Dtype::F32, le_bytes_of(&t.to_vec1::<f32>()?)),
-            DType::BF16 => (safetensors::Dtype::BF16, le_bytes_of(&t.to_vec1::<half::bf16>()?)),
-            DType::F16 => (safetensors::Dtype::F16, le_bytes_of(&t.to_vec1::<half::f16>()?)),
-            other => return Err(Error::Invalid(format!("cannot write dtype {other:?}"))),
+        let data = match dtype {
+            DType::F32 => le_bytes_of(&t.to_vec1::<f32>()?),
+            DType::BF16 => le_bytes_of(&t.to_vec1::<half::bf16>()?),
+            _ => le_bytes_of(&t.to_vec1::<half::f16>()?),
         };
         Ok(OwnedTensor { name: name.into(), dtype: st, shape, data })
     }

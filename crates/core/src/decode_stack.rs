@@ -15,7 +15,7 @@
 //! each kernel's start with the previous one's tail. The products run one after another in
 //! stream order, as a model's would (each kernel waits for the previous one).
 
-use crate::gpu::{launch_products, tensor_addr as addr, Product};
+use crate::gpu::{ce, launch_products, tensor_addr as addr, Product};
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 
@@ -166,7 +166,6 @@ impl Stack {
     pub fn time(&self, sched: Schedule, repeats: usize, rounds: usize) -> crate::Result<f64> {
         let launches = self.launches(sched.grouped)?;
         let stream = self.dev.cuda_stream();
-        let ce = |what: &'static str| move |e: cudarc::driver::DriverError| crate::Error::Invalid(format!("{what}: {e:?}"));
         // warm up (modules, cuBLAS heuristics) before any capture
         self.issue(sched, &launches)?;
         let graph = if sched.graph {
@@ -186,7 +185,7 @@ impl Stack {
         };
         let step = || -> crate::Result<()> {
             match &graph {
-                Some(g) => g.launch().map_err(ce("graph launch")),
+                Some(g) => Ok(g.launch().map_err(ce("graph launch"))?),
                 None => Ok(self.issue(sched, &launches)?),
             }
         };

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 type CResult<T> = candle_core::Result<T>;
 
-fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
+pub(crate) fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
     move |e| candle_core::Error::Msg(format!("{what}: {e:?}"))
 }
 
@@ -259,7 +259,7 @@ thread_local! {
 /// Runs `f` on this thread's staging buffer `which` (see STAGING), grown to `len` bytes if needed.
 /// Copies from and to page-locked memory run at the bus's speed and from several threads at
 /// once; pageable ones go through the driver's own staging, one thread at a time.
-fn with_staging<R>(dev: &candle_core::cuda::CudaDevice, which: usize, len: usize, f: impl FnOnce(&mut [u8]) -> CResult<R>) -> CResult<R> {
+fn with_staging<R, E: From<candle_core::Error>>(dev: &candle_core::cuda::CudaDevice, which: usize, len: usize, f: impl FnOnce(&mut [u8]) -> Result<R, E>) -> Result<R, E> {
     STAGING.with(|st| {
         let mut st = st.borrow_mut();
         let slot = &mut st[which];
@@ -278,12 +278,8 @@ fn with_staging<R>(dev: &candle_core::cuda::CudaDevice, which: usize, len: usize
 /// one asynchronous copy (no page faults on the mapping, no pageable copy).
 fn upload(ck: &crate::Checkpoint, name: &str, dtype: DType, shape: &[usize], dev: &candle_core::cuda::CudaDevice) -> crate::Result<Tensor> {
     let len = shape.iter().product::<usize>() * dtype.size_in_bytes();
-    let mut read_err = None;
-    let t = with_staging(dev, 0, len, |buf| {
-        if let Err(e) = ck.read_into(name, buf) {
-            read_err = Some(e);
-            candle_core::bail!("read");
-        }
+    with_staging(dev, 0, len, |buf| -> crate::Result<Tensor> {
+        ck.read_into(name, buf)?;
         let stream = dev.cuda_stream();
         fn copy_in<T: cudarc::driver::DeviceRepr>(dev: &candle_core::cuda::CudaDevice, src: &[u8]) -> CResult<cudarc::driver::CudaSlice<T>> {
             let stream = dev.cuda_stream();
@@ -297,16 +293,12 @@ fn upload(ck: &crate::Checkpoint, name: &str, dtype: DType, shape: &[usize], dev
             DType::BF16 => CudaStorage::wrap_cuda_slice(copy_in::<bf16>(dev, buf)?, dev.clone()),
             DType::F16 => CudaStorage::wrap_cuda_slice(copy_in::<half::f16>(dev, buf)?, dev.clone()),
             DType::F32 => CudaStorage::wrap_cuda_slice(copy_in::<f32>(dev, buf)?, dev.clone()),
-            other => candle_core::bail!("upload: dtype {other:?}"),
+            other => return Err(crate::Error::Invalid(format!("upload: dtype {other:?}"))),
         };
         // the staging buffer is refilled by this thread's next upload
         stream.synchronize().map_err(ce("sync"))?;
         Ok(Tensor::from_storage(candle_core::Storage::Cuda(storage), shape.to_vec(), candle_core::op::BackpropOp::none(), false))
-    });
-    match (t, read_err) {
-        (_, Some(e)) => Err(e),
-        (t, None) => Ok(t?),
-    }
+    })
 }
 
 /// The bytes of a CUDA tensor (made contiguous), copied back through page-locked memory.
@@ -315,12 +307,12 @@ pub fn download_bytes(t: &Tensor) -> crate::Result<Vec<u8>> {
     let candle_core::Device::Cuda(dev) = t.device() else { return Err(crate::Error::Invalid("download_bytes: not a CUDA tensor".into())) };
     let len = t.elem_count() * t.dtype().size_in_bytes();
     let src = tensor_addr(&t)?;
-    Ok(with_staging(dev, 1, len, |buf| {
+    with_staging(dev, 1, len, |buf| -> crate::Result<Vec<u8>> {
         let stream = dev.cuda_stream();
         unsafe { cudarc::driver::result::memcpy_dtoh_async(buf, src, stream.cu_stream()) }.map_err(ce("download"))?;
         stream.synchronize().map_err(ce("sync"))?;
         Ok(buf.to_vec())
-    })?)
+    })
 }
 
 /// Σ of all elements of a matrix, in two passes (row sums, then their sum): candle reduces to a

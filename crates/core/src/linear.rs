@@ -151,7 +151,8 @@ impl Linear {
             Linear::Tucker { core, factors, m, n, .. } => tucker_dense(core, factors, *m, *n),
             Linear::Cp { weights, factors, .. } => cp_dense(weights, factors),
         }
-    }}
+    }
+}
 
 /// `x Wᵀ` through the CUDA decode kernel where it applies (decode steps in bf16), else `None`.
 #[cfg(feature = "cuda")]
@@ -318,7 +319,7 @@ fn tucker_dense(core: &Tensor, factors: &[Tensor], m: usize, n: usize) -> Result
         g = mode_mul(&g, axis, &f.t()?)?; // r → m_t or n_t
     }
     let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
-    Ok(g.permute(perm)?.contiguous()?.reshape((m, n))?)
+    g.permute(perm)?.contiguous()?.reshape((m, n))
 }
 
 /// The dense m × n matrix of a CP layer: KR(A) diag(λ) KR(B)ᵀ.
@@ -327,7 +328,7 @@ fn cp_dense(weights: &Tensor, factors: &[Tensor]) -> Result<Tensor> {
     let rank = weights.dim(0)?;
     let outputs: Vec<&Tensor> = (0..k).map(|s| &factors[2 * s]).collect();
     let inputs: Vec<&Tensor> = (0..k).map(|s| &factors[2 * s + 1]).collect();
-    Ok(khatri_rao(&outputs)?.broadcast_mul(&weights.reshape((1, rank))?)?.matmul(&khatri_rao(&inputs)?.t()?)?)
+    khatri_rao(&outputs)?.broadcast_mul(&weights.reshape((1, rank))?)?.matmul(&khatri_rao(&inputs)?.t()?)
 }
 
 /// Builds the runtime layer for a factorization (quantized factors are dequantized on load).
