@@ -112,7 +112,7 @@ done
 unset COMPACTOR_GPU_TIMING
 }
 decode_full() {
-step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16"
+step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16 (COMPACTOR_PDL=${COMPACTOR_PDL:-1})"
 timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16
 }
 svd_only() {
@@ -121,10 +121,7 @@ step "Compactor svd plan at 0.5 (for decode)"
 }
 # whole-model decode with and without programmatic dependent launches
 decode_pdl() {
-for pdl in 1 0; do
-step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16, COMPACTOR_PDL=$pdl"
-COMPACTOR_PDL=$pdl timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16
-done
+for pdl in 1 0; do COMPACTOR_PDL=$pdl decode_full; done
 }
 # D: everything of issue 8 but the PyTorch baseline (two calls' worth: set STEPS to split it)
 if [ "$PART" = D ]; then
