@@ -119,6 +119,15 @@ svd_only() {
 step "Compactor svd plan at 0.5 (for decode)"
 [ -f /tmp/g8b-svd/compactor.json ] || timeout 200 $B compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-svd > /dev/null
 }
+# the decode step as one CUDA graph on granite-tiny: same tokens as candle ops, logits agree
+graph_tiny() {
+[ -d /tmp/gt-svd-cuda ] || timeout 100 $B compress $G --method svd --ratio 0.5 --device cuda --out /tmp/gt-svd-cuda > /dev/null
+step "step graph vs candle ops on granite-tiny (dense, svd 0.5): greedy tokens, then bench decode (agreement + speed)"
+for g in 0 1; do for v in $G /tmp/gt-svd-cuda; do
+  COMPACTOR_STEP_GRAPH=$g timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|graph $g $(basename $v): |"
+done; done
+timeout 120 $B bench decode $G /tmp/gt-svd-cuda --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 2 --batch 1,16
+}
 # whole-model decode with and without programmatic dependent launches
 decode_pdl() {
 for pdl in 1 0; do COMPACTOR_PDL=$pdl decode_full; done

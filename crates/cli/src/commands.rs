@@ -366,23 +366,45 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
     for c in &compressed {
         models.push((c.display().to_string(), load(c)?));
     }
-    for &batch in &batches {
-        // interleave repeats so that drift in machine load hits every model alike; keep the best
-        let mut best = vec![0f64; models.len()];
-        for _ in 0..repeats.max(1) {
-            for (i, (_, m)) in models.iter().enumerate() {
-                let s = eval::speed_batch(m, &prompt, tokens, batch)?;
-                best[i] = best[i].max(s.decode_tokens_per_s);
+    // on CUDA in bf16 each model decodes twice: candle ops, and the whole step as a CUDA graph
+    #[cfg(feature = "cuda")]
+    let paths: Vec<bool> = if dev.is_cuda() && dt == candle_core::DType::BF16 {
+        for (name, m) in &models {
+            for &batch in &batches {
+                match eval::step_agreement(m, &prompt, batch, 16)? {
+                    Some((rel, same)) => println!("step graph vs candle ops, {name}, batch {batch}, 16 steps: max |Δlogit|/max|logit| {rel:.2e}, same argmax {:.1}%", 100.0 * same),
+                    None => println!("step graph does not apply to {name}"),
+                }
             }
         }
-        println!("decode tokens/s, batch {batch}, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}");
-        println!("{:<50} {:>12} {:>14} {:>10} {:>16} {:>8}", "model", "linear params", "decode tok/s", "vs dense", "weight GB/step", "GB/s");
-        for (i, (name, m)) in models.iter().enumerate() {
-            let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();
-            // bytes of weights one decode step streams: every linear factor plus the lm_head
-            let step_bytes: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).chain(std::iter::once(&m.lm_head)).flat_map(|l| l.factors()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
-            let steps_per_s = best[i] / batch as f64;
-            println!("{:<50} {:>12} {:>14.1} {:>9.2}x {:>16.3} {:>8.0}", name, lp, best[i], best[i] / best[0], step_bytes as f64 / 1e9, step_bytes as f64 * steps_per_s / 1e9);
+        vec![false, true]
+    } else {
+        vec![false]
+    };
+    #[cfg(not(feature = "cuda"))]
+    let paths = vec![false];
+    for &batch in &batches {
+        for &graph in &paths {
+            #[cfg(feature = "cuda")]
+            compactor_core::gpu_step::set_enabled(graph);
+            // interleave repeats so that drift in machine load hits every model alike; keep the best
+            let mut best = vec![0f64; models.len()];
+            for _ in 0..repeats.max(1) {
+                for (i, (_, m)) in models.iter().enumerate() {
+                    let s = eval::speed_batch(m, &prompt, tokens, batch)?;
+                    best[i] = best[i].max(s.decode_tokens_per_s);
+                }
+            }
+            let path = if graph { "step graph" } else { "candle ops" };
+            println!("decode tokens/s, batch {batch}, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}, {path}");
+            println!("{:<50} {:>12} {:>14} {:>10} {:>16} {:>8}", "model", "linear params", "decode tok/s", "vs dense", "weight GB/step", "GB/s");
+            for (i, (name, m)) in models.iter().enumerate() {
+                let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();
+                // bytes of weights one decode step streams: every linear factor plus the lm_head
+                let step_bytes: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).chain(std::iter::once(&m.lm_head)).flat_map(|l| l.factors()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+                let steps_per_s = best[i] / batch as f64;
+                println!("{:<50} {:>12} {:>14.1} {:>9.2}x {:>16.3} {:>8.0}", name, lp, best[i], best[i] / best[0], step_bytes as f64 / 1e9, step_bytes as f64 * steps_per_s / 1e9);
+            }
         }
     }
     Ok(())

@@ -174,6 +174,19 @@ impl WeightSource for CompressedModel {
     fn linear(&self, prefix: &str, dtype: DType, device: &Device) -> Result<Linear> {
         let b = format!("{prefix}.bias");
         let bias = if self.has(&b) { Some(self.tensor(&b, dtype, device)?) } else { None };
+        // on CUDA an unquantized low-rank layer's stored factors go straight to the device
+        // (page-locked reads in their stored dtype), not through a host f32 factorization
+        if let (true, Some(&i)) = (device.is_cuda(), self.by_name.get(prefix)) {
+            let entry = &self.manifest.layers[i];
+            if entry.meta.kind == compactor_decomp::Kind::LowRank && entry.meta.quant.is_none() {
+                let (an, bn) = (format!("{prefix}{FACTOR_INFIX}a"), format!("{prefix}{FACTOR_INFIX}b"));
+                let shape = |n: &str| self.ckpt.tensors().find(|t| t.name == n).map(|t| t.shape.clone());
+                let (want_a, want_b) = (entry.meta.factor_shapes.get("a"), entry.meta.factor_shapes.get("b"));
+                if want_a.is_some() && shape(&an).as_ref() == want_a && want_b.is_some() && shape(&bn).as_ref() == want_b {
+                    return Ok(Linear::low_rank(self.tensor(&an, dtype, device)?, self.tensor(&bn, dtype, device)?, bias)?);
+                }
+            }
+        }
         match self.factorization(prefix)? {
             Some(f) => Ok(from_factorization(&f, bias, dtype, device)?),
             None => Ok(Linear::dense(self.tensor(&format!("{prefix}.weight"), dtype, device)?, bias)),

@@ -6,7 +6,7 @@
 //! ctx−1 next-token predictions of every window.
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{KvCache, Model};
 use crate::progress::{check, Progress};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -101,24 +101,89 @@ fn sync(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The token-by-token steps of greedy decoding after a prompt: candle ops with a growing KV
+/// cache, or — on CUDA in bf16, where the model fits it — the whole step as one replayed CUDA
+/// graph (`gpu_step`).
+pub enum Stepper<'a> {
+    Ops(&'a Model, KvCache),
+    #[cfg(feature = "cuda")]
+    Graph(Box<crate::gpu_step::Decoder>),
+}
+
+impl<'a> Stepper<'a> {
+    /// Prefills `ids` (B, S) and returns the stepper (room for `max_new` more positions) and the
+    /// prompt's logits (B, S, V).
+    pub fn start(model: &'a Model, ids: &Tensor, max_new: usize) -> Result<(Self, Tensor)> {
+        let mut cache = model.new_cache();
+        let logits = model.forward(ids, Some(&mut cache))?;
+        #[cfg(feature = "cuda")]
+        {
+            let (b, s) = ids.dims2()?;
+            let max_len = (s + max_new).min(model.cfg.max_position_embeddings);
+            if let Some(d) = crate::gpu_step::Decoder::new(model, &cache, b, max_len)? {
+                return Ok((Stepper::Graph(Box::new(d)), logits));
+            }
+        }
+        let _ = max_new;
+        Ok((Stepper::Ops(model, cache), logits))
+    }
+
+    /// Logits (B, 1, V) after one more token per sequence (`ids`, B of them).
+    pub fn step(&mut self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Stepper::Ops(model, cache) => {
+                let t = Tensor::new(ids, &model.device)?.unsqueeze(1)?;
+                model.forward(&t, Some(cache))
+            }
+            #[cfg(feature = "cuda")]
+            Stepper::Graph(d) => Ok(d.step(ids)?.unsqueeze(1)?),
+        }
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        match self {
+            Stepper::Ops(_, c) => c.len(),
+            #[cfg(feature = "cuda")]
+            Stepper::Graph(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `ops` or `graph`, for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stepper::Ops(..) => "ops",
+            #[cfg(feature = "cuda")]
+            Stepper::Graph(_) => "graph",
+        }
+    }
+}
+
+/// The greedy next token of each sequence from logits (B, S, V): the argmax at the last position.
+fn next_tokens(logits: &Tensor) -> Result<Vec<u32>> {
+    let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?.argmax(D::Minus1)?;
+    Ok(last.to_vec1::<u32>()?)
+}
+
 /// Greedy generation with the KV cache. Returns the new ids (prompt excluded).
 pub fn generate(model: &Model, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt encodes to no tokens".into()));
     }
-    let mut cache = model.new_cache();
     let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?;
-    let mut logits = model.forward(&ids, Some(&mut cache))?;
+    let (mut stepper, mut logits) = Stepper::start(model, &ids, max_tokens)?;
     let mut out = Vec::new();
     for _ in 0..max_tokens {
-        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.flatten_all()?;
-        let next = last.argmax(0)?.to_scalar::<u32>()?;
+        let next = next_tokens(&logits)?[0];
         out.push(next);
-        if Some(next) == stop || cache.len() + 1 >= model.cfg.max_position_embeddings {
+        if Some(next) == stop || stepper.len() + 1 >= model.cfg.max_position_embeddings || out.len() == max_tokens {
             break;
         }
-        let ids = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
-        logits = model.forward(&ids, Some(&mut cache))?;
+        logits = stepper.step(&[next])?;
     }
     Ok(out)
 }
@@ -133,11 +198,6 @@ pub fn speed(model: &Model, prompt: &[u32], decode_tokens: usize) -> Result<Spee
 pub fn speed_batch(model: &Model, prompt: &[u32], decode_tokens: usize, batch: usize) -> Result<Speed> {
     let batch = batch.max(1);
     let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?.repeat((batch, 1))?;
-    let next_ids = |logits: &Tensor| -> Result<Tensor> {
-        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?.argmax(candle_core::D::Minus1)?;
-        let v = last.to_vec1::<u32>()?; // the host sees every step's tokens, as a sampler would
-        Ok(Tensor::new(v.as_slice(), &model.device)?.unsqueeze(1)?)
-    };
     let _ = model.forward(&ids.narrow(1, 0, prompt.len().min(8))?, None)?; // warm-up
     sync(&model.device)?;
     let reps = 3;
@@ -149,21 +209,22 @@ pub fn speed_batch(model: &Model, prompt: &[u32], decode_tokens: usize, batch: u
     sync(&model.device)?;
     let prefill = t0.elapsed().as_secs_f64() / reps as f64;
     // decode warm-up: the first single-token steps load kernels (CUDA) and grow buffers
-    let mut warm = model.new_cache();
-    let mut wl = model.forward(&ids.narrow(1, 0, prompt.len().min(8))?, Some(&mut warm))?;
+    let (mut warm, mut wl) = Stepper::start(model, &ids.narrow(1, 0, prompt.len().min(8))?, 4)?;
     for _ in 0..4 {
-        wl = model.forward(&next_ids(&wl)?, Some(&mut warm))?;
+        wl = warm.step(&next_tokens(&wl)?)?;
     }
     drop(warm);
-    // decode: prefill the prompt, then time token-by-token steps
-    let mut cache = model.new_cache();
-    let mut logits = model.forward(&ids, Some(&mut cache))?;
-    let room = model.cfg.max_position_embeddings.saturating_sub(prompt.len() + 1);
+    // decode: prefill the prompt, then time token-by-token steps; the host sees every step's
+    // tokens, as a sampler would
+    let room = model.cfg.max_position_embeddings.saturating_sub(prompt.len() + 2);
     let n = decode_tokens.min(room).max(1);
+    let (mut stepper, mut logits) = Stepper::start(model, &ids, n + 1)?;
+    // the step graph is captured at its first step: take that step out of the timing
+    logits = stepper.step(&next_tokens(&logits)?)?;
     sync(&model.device)?;
     let t1 = Instant::now();
     for _ in 0..n {
-        logits = model.forward(&next_ids(&logits)?, Some(&mut cache))?;
+        logits = stepper.step(&next_tokens(&logits)?)?;
     }
     sync(&model.device)?;
     let decode = t1.elapsed().as_secs_f64();
@@ -173,4 +234,37 @@ pub fn speed_batch(model: &Model, prompt: &[u32], decode_tokens: usize, batch: u
         decode_tokens_per_s: (batch * n) as f64 / decode,
         decode_tokens: n,
     })
+}
+
+/// How far the step graph's logits are from candle ops' (CUDA, bf16): both steppers are fed the
+/// ops path's greedy tokens for `steps` steps after `prompt` (batch `batch`). Returns the largest
+/// |Δlogit| relative to the largest |logit| and the fraction of (step, sequence) pairs whose
+/// argmax agrees; `None` where the graph does not apply to the model.
+#[cfg(feature = "cuda")]
+pub fn step_agreement(model: &Model, prompt: &[u32], batch: usize, steps: usize) -> Result<Option<(f64, f64)>> {
+    use crate::gpu_step::{enabled, set_enabled};
+    let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?.repeat((batch.max(1), 1))?;
+    let was = enabled();
+    set_enabled(false);
+    let ops = Stepper::start(model, &ids, steps + 1);
+    set_enabled(true);
+    let graph = Stepper::start(model, &ids, steps + 1);
+    set_enabled(was);
+    let ((mut ops, mut lo), (mut graph, _)) = (ops?, graph?);
+    if graph.kind() != "graph" {
+        return Ok(None);
+    }
+    let (mut worst, mut same, mut total) = (0f64, 0usize, 0usize);
+    for _ in 0..steps {
+        let tokens = next_tokens(&lo)?;
+        lo = ops.step(&tokens)?;
+        let lg = graph.step(&tokens)?;
+        let diff = (&lo - &lg)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        let scale = lo.abs()?.max_all()?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE) as f64;
+        worst = worst.max(diff / scale);
+        let (a, b) = (next_tokens(&lo)?, next_tokens(&lg)?);
+        same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        total += a.len();
+    }
+    Ok(Some((worst, same as f64 / total.max(1) as f64)))
 }

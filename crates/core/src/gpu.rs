@@ -27,7 +27,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use cudarc::cusolver::{safe::DnHandle, sys as cs};
-use cudarc::driver::{DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::DevicePtrMut;
 use half::bf16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -655,7 +655,7 @@ fn split_for(row_groups: usize, cols8: usize) -> usize {
 
 /// Whether `dev` runs programmatic dependent launches (compute capability 9.0 or later), unless
 /// `COMPACTOR_PDL=0`.
-fn pdl_capable(dev: &candle_core::cuda::CudaDevice) -> bool {
+pub(crate) fn pdl_capable(dev: &candle_core::cuda::CudaDevice) -> bool {
     static CAP: OnceLock<bool> = OnceLock::new();
     *CAP.get_or_init(|| {
         let major = dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0);
@@ -668,7 +668,8 @@ fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
     PTX.get_or_init(|| {
         let arch = if pdl_capable(dev) { "compute_90" } else { "compute_80" };
         let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
-        cudarc::nvrtc::compile_ptx_with_opts(GEMV_SRC, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
+        let src = format!("{GEMV_SRC}{}", crate::gpu_step::STEP_SRC);
+        cudarc::nvrtc::compile_ptx_with_opts(src, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(format!("compiling the GEMV kernel with NVRTC: {e}")))
@@ -680,7 +681,7 @@ fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
 /// `COMPACTOR_GEMV` sets the start value.
 static GEMV_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
-fn gemv_mode(rows: usize) -> u8 {
+pub(crate) fn gemv_mode(rows: usize) -> u8 {
     use std::sync::atomic::Ordering;
     let mode = match GEMV_MODE.load(Ordering::Relaxed) {
         u8::MAX => {
@@ -704,7 +705,7 @@ pub fn set_gemv_mode(mode: u8) {
 
 /// A kernel of the decode module on `dev`'s stream, loaded once (looking it up costs a driver
 /// call per launch otherwise, which decode steps feel).
-fn kernel(dev: &candle_core::cuda::CudaDevice, name: &str) -> CResult<cudarc::driver::CudaFunction> {
+pub(crate) fn kernel(dev: &candle_core::cuda::CudaDevice, name: &str) -> CResult<cudarc::driver::CudaFunction> {
     static FUNCS: OnceLock<Mutex<HashMap<(usize, String), cudarc::driver::CudaFunction>>> = OnceLock::new();
     let key = (dev.cuda_stream().cu_stream() as usize, name.to_string());
     let mut map = FUNCS.get_or_init(Default::default).lock().unwrap();
@@ -824,40 +825,46 @@ pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, 
 }
 
 fn launch_segs(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, segs: &Segs, blocks: usize, pdl: bool) -> CResult<()> {
-    let stream = dev.cuda_stream();
     let func = if mode == 2 { kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })? } else { kernel(dev, &format!("gemv_b{b}"))? };
-    if pdl && pdl_capable(dev) {
-        launch_pdl(&stream, &func, blocks as u32, segs)
-    } else {
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut builder = stream.launch_builder(&func);
-        builder.arg(segs);
-        unsafe { builder.launch(cfg) }.map_err(ce("gemv launch"))?;
-        Ok(())
-    }
+    let mut params = [segs as *const Segs as *mut std::ffi::c_void];
+    // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.
+    unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, pdl) }
 }
 
-/// A 256-thread launch of `func(segs)` that may start before the previous kernel on `stream`
-/// has finished (the kernels wait for it with `griddepcontrol.wait`).
-fn launch_pdl(stream: &cudarc::driver::CudaStream, func: &cudarc::driver::CudaFunction, blocks: u32, segs: &Segs) -> CResult<()> {
+/// Launches `func` on `dev`'s stream with `params` (pointers to each argument's value). With
+/// `pdl` (and a GPU that has it) as a programmatic dependent launch: the kernel may start before
+/// the previous one on the stream has finished, and must `griddepcontrol.wait` before it reads
+/// what that one wrote or writes anything.
+///
+/// # Safety
+/// `params` must match the kernel's parameter list in number, order and layout.
+pub(crate) unsafe fn launch_raw(
+    dev: &candle_core::cuda::CudaDevice,
+    func: &cudarc::driver::CudaFunction,
+    grid: (u32, u32),
+    block: u32,
+    shared: u32,
+    params: &mut [*mut std::ffi::c_void],
+    pdl: bool,
+) -> CResult<()> {
     use cudarc::driver::sys;
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attr.value.programmaticStreamSerializationAllowed = 1;
+    let pdl = pdl && pdl_capable(dev);
     let cfg = sys::CUlaunchConfig {
-        gridDimX: blocks,
-        gridDimY: 1,
+        gridDimX: grid.0,
+        gridDimY: grid.1,
         gridDimZ: 1,
-        blockDimX: 256,
+        blockDimX: block,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: 0,
-        hStream: stream.cu_stream(),
+        sharedMemBytes: shared,
+        hStream: dev.cuda_stream().cu_stream(),
         attrs: &mut attr,
-        numAttrs: 1,
+        numAttrs: if pdl { 1 } else { 0 },
     };
-    let mut params = [segs as *const Segs as *mut std::ffi::c_void];
-    unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(ce("gemv launch (PDL)"))
+    unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(ce("kernel launch"))
 }
 
 /// Gives `dev`'s cuBLAS handle a workspace of its own (32 MiB, kept for the process), so that
@@ -880,7 +887,7 @@ pub fn cublas_workspace(dev: &candle_core::cuda::CudaDevice) -> CResult<()> {
 
 /// One product through cuBLAS (bf16 in and out, f32 accumulation): row-major y = x Wᵀ is the
 /// column-major Y (rows × b) = Wᵀ X.
-fn cublas_product(dev: &candle_core::cuda::CudaDevice, b: usize, p: &Product) -> CResult<()> {
+pub(crate) fn cublas_product(dev: &candle_core::cuda::CudaDevice, b: usize, p: &Product) -> CResult<()> {
     use cudarc::cublas::sys as cb;
     let blas = dev.cublas_handle();
     let (alpha, beta) = (1f32, 0f32);

@@ -14,6 +14,8 @@ pub mod error;
 pub mod eval;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpu_step;
 pub mod heal;
 pub mod inventory;
 pub mod linear;

@@ -148,6 +148,10 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Layer `l`'s keys and values, (B, n_kv_heads, T, head_dim) each, once filled.
+    pub fn layer(&self, l: usize) -> Option<&(Tensor, Tensor)> {
+        self.kv.get(l).and_then(|x| x.as_ref())
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,0 +1,517 @@
+//! The whole decode step of a Llama-family model as one CUDA graph (feature `cuda`, bf16).
+//!
+//! candle runs a decode step as ~30 ops per block besides the products (norms, RoPE, attention,
+//! KV-cache concatenation), each a host launch with its own allocation; at batch 1 on an H100
+//! those cost as much as the dense model's weights take to stream, so halving the weights cannot
+//! halve the step. A [`Decoder`] instead owns static buffers — the residual stream, every
+//! intermediate, a KV cache of fixed length per layer — and issues one step as
+//!
+//! ```text
+//! embed ─► per block: add+norm ─► q/k/v (grouped) ─► rope + cache write ─► attention ─► o
+//!                     add+norm ─► gate/up (grouped) ─► silu·up ─► down
+//!        ─► add+norm ─► lm_head ─► logits (f32, ÷ logits_scaling)
+//! ```
+//!
+//! with the decode product kernels of [`crate::gpu`] (dense: one product per matrix, q/k/v and
+//! gate/up in one launch; low rank: the B factors of a group in one launch, then their A factors
+//! in one) and a handful of small kernels ([`STEP_SRC`]). The step is captured once as a CUDA
+//! graph; the position and the token ids live in device memory (`meta`), so the same graph
+//! replays every step. Every kernel is a programmatic dependent launch on sm_90+.
+//!
+//! The prompt is prefilled by the candle model (one forward pass), whose KV cache is then copied
+//! into the static one. Numerics follow the candle path (bf16 storage, f32 arithmetic, the same
+//! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
+
+use crate::gpu::{ce, gemv_mode, kernel, launch_products, launch_raw, tensor_addr, Product};
+use crate::linear::Linear;
+use crate::model::{KvCache, Model, Role};
+use candle_core::{DType, Tensor};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use std::ffi::c_void;
+
+/// Kernels of the decode step (compiled with the GEMV kernels, whose helpers they use).
+pub(crate) const STEP_SRC: &str = r#"
+__device__ __forceinline__ float bf(unsigned short u) { return __uint_as_float(((unsigned)u) << 16); }
+__device__ __forceinline__ float rbf(float f) { return bf(to_bf16(f)); }
+// sum (max) over the block; every thread gets the result; `red` holds 32 floats
+__device__ float block_sum(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ float block_max(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// meta[0]: the position of this step's tokens; meta[1 + b]: the token of sequence b.
+// x (b × h) = embed[id_b] · mult. Grid: b.
+extern "C" __global__ void step_embed(const unsigned* meta, const unsigned short* table, unsigned short* x, int h, float mult) {
+    pdl_launch_next(); pdl_wait();
+    const int b = blockIdx.x;
+    const unsigned short* row = table + (size_t)meta[1 + b] * h;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) x[(size_t)b * h + i] = mult == 1.f ? row[i] : to_bf16(bf(row[i]) * mult);
+}
+// x += s·d (when d is given; rounded as candle rounds: s·d, then the sum), then
+// y = x / sqrt(mean(x²) + eps) ⊙ w. Grid: b.
+extern "C" __global__ void step_add_norm(unsigned short* x, const unsigned short* d, float s, const unsigned short* w, unsigned short* y, int h, float eps) {
+    __shared__ float red[32];
+    pdl_launch_next(); pdl_wait();
+    const size_t off = (size_t)blockIdx.x * h;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        float v = bf(x[off + i]);
+        if (d) {
+            const float dv = bf(d[off + i]);
+            v = rbf(v + (s == 1.f ? dv : rbf(dv * s)));
+            x[off + i] = to_bf16(v);
+        }
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss, red) / h + eps);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) y[off + i] = to_bf16(bf(x[off + i]) * r * bf(w[i]));
+}
+// Rotary embedding (rotate-half) at position meta[0] of q (b × nh·hd, in place) and k
+// (b × nkv·hd); the rotated k and v go to the caches (b, nkv, max_t, hd) at that position.
+// Grid: b.
+extern "C" __global__ void step_rope_kv(const unsigned* meta, unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                        unsigned short* kc, unsigned short* vc, const float* inv_freq, int nh, int nkv, int hd, int max_t) {
+    pdl_launch_next(); pdl_wait();
+    const int b = blockIdx.x, pos = meta[0], half = hd >> 1;
+    for (int j = threadIdx.x; j < (nh + nkv) * half; j += blockDim.x) {
+        const int head = j / half, i = j - head * half;
+        const float ang = (float)pos * inv_freq[i];
+        const float c = rbf(cosf(ang)), sn = rbf(sinf(ang));
+        const unsigned short* src;
+        unsigned short* dst;
+        if (head < nh) {
+            dst = q + ((size_t)b * nh + head) * hd;
+            src = dst;
+        } else {
+            const int kh = head - nh;
+            src = k + ((size_t)b * nkv + kh) * hd;
+            dst = kc + (((size_t)b * nkv + kh) * max_t + pos) * hd;
+        }
+        const float x1 = bf(src[i]), x2 = bf(src[i + half]);
+        dst[i] = to_bf16(rbf(x1 * c) - rbf(x2 * sn));
+        dst[i + half] = to_bf16(rbf(x2 * c) + rbf(x1 * sn));
+    }
+    for (int j = threadIdx.x; j < nkv * hd; j += blockDim.x) {
+        const int kh = j / hd, e = j - kh * hd;
+        vc[(((size_t)b * nkv + kh) * max_t + pos) * hd + e] = v[(size_t)b * nkv * hd + j];
+    }
+}
+// Attention of one query head over cached positions 0..=meta[0]: softmax(q·kᵀ·scale) v, the
+// probabilities rounded to bf16 as candle's path does before its product with v.
+// Grid: (nh, b); dynamic shared memory: max_t floats; hd ≤ 256.
+extern "C" __global__ void step_attend(const unsigned* meta, const unsigned short* q, const unsigned short* kc, const unsigned short* vc,
+                                       unsigned short* y, int nh, int nkv, int hd, int max_t, float scale) {
+    extern __shared__ float sc[];
+    __shared__ float qs[256];
+    __shared__ float red[32];
+    pdl_launch_next(); pdl_wait();
+    const int h = blockIdx.x, b = blockIdx.y, kvh = h / (nh / nkv);
+    const int t_len = meta[0] + 1;
+    const unsigned short* qr = q + ((size_t)b * nh + h) * hd;
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) qs[e] = bf(qr[e]);
+    __syncthreads();
+    const unsigned short* kb = kc + ((size_t)b * nkv + kvh) * max_t * hd;
+    const unsigned short* vb = vc + ((size_t)b * nkv + kvh) * max_t * hd;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float mx = -INFINITY;
+    for (int t = warp; t < t_len; t += nw) {
+        const unsigned short* kr = kb + (size_t)t * hd;
+        float s = 0.f;
+        for (int e = lane; e < hd; e += 32) s = fmaf(qs[e], bf(kr[e]), s);
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        s *= scale;
+        if (lane == 0) sc[t] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_max(mx, red);
+    float sum = 0.f;
+    for (int t = threadIdx.x; t < t_len; t += blockDim.x) {
+        const float e = __expf(sc[t] - mx);
+        sc[t] = e;
+        sum += e;
+    }
+    const float inv = 1.f / block_sum(sum, red);
+    for (int t = threadIdx.x; t < t_len; t += blockDim.x) sc[t] = rbf(sc[t] * inv);
+    __syncthreads();
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float acc = 0.f;
+        for (int t = 0; t < t_len; t++) acc = fmaf(sc[t], bf(vb[(size_t)t * hd + e]), acc);
+        y[((size_t)b * nh + h) * hd + e] = to_bf16(acc);
+    }
+}
+// a = silu(g) ⊙ u over n elements (silu rounded to bf16 first, as candle does).
+extern "C" __global__ void step_silu_mul(const unsigned short* g, const unsigned short* u, unsigned short* a, int n) {
+    pdl_launch_next(); pdl_wait();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float x = bf(g[i]);
+        a[i] = to_bf16(rbf(x / (1.f + expf(-x))) * bf(u[i]));
+    }
+}
+// out (f32) = l (bf16) · mul over n elements.
+extern "C" __global__ void step_logits(const unsigned short* l, float* out, int n, float mul) {
+    pdl_launch_next(); pdl_wait();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = bf(l[i]) * mul;
+}
+"#;
+
+/// Longest sequence a decoder holds (the attention kernel keeps a row of scores in shared memory).
+pub const MAX_LEN: usize = 8192;
+
+/// One kernel argument.
+#[derive(Clone, Copy)]
+enum Arg {
+    P(u64),
+    I(i32),
+    F(f32),
+}
+
+/// A linear layer as the step runs it: W, or A·B with the B product into `t` first.
+enum Lin {
+    Dense { w: u64, rows: usize, cols: usize },
+    LowRank { a: u64, b: u64, rows: usize, rank: usize, cols: usize, t: Tensor },
+}
+
+struct Layer {
+    input_norm: u64,
+    post_norm: u64,
+    /// q, k, v, o, gate, up, down
+    lins: Vec<Lin>,
+    kc: Tensor,
+    vc: Tensor,
+}
+
+/// Static buffers of one step (bf16 on the device unless noted).
+struct Bufs {
+    /// u32: position, then one token id per sequence
+    meta: Tensor,
+    /// f32: RoPE inverse frequencies (head_dim / 2)
+    inv_freq: Tensor,
+    x: Tensor,
+    xn: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    att: Tensor,
+    o: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+    down: Tensor,
+    logits: Tensor,
+    /// f32 (batch × vocab)
+    out: Tensor,
+}
+
+/// Greedy-decoding steps of one batch of sequences as a replayed CUDA graph (see the module doc).
+pub struct Decoder {
+    dev: candle_core::cuda::CudaDevice,
+    batch: usize,
+    max_len: usize,
+    pos: usize,
+    h: usize,
+    inter: usize,
+    vocab: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    eps: f32,
+    emb_mult: f32,
+    res_mult: f32,
+    att_scale: f32,
+    /// 1 / logits_scaling (candle divides by multiplying)
+    logits_mul: f32,
+    embed: u64,
+    final_norm: u64,
+    lm_head: Lin,
+    layers: Vec<Layer>,
+    bufs: Bufs,
+    mode: u8,
+    graph: Option<cudarc::driver::CudaGraph>,
+    /// keeps the weights the addresses above point into alive
+    _model: Model,
+}
+
+/// bf16, contiguous, 16-byte aligned, with a multiple of 8 columns: what the product kernels read.
+fn usable(ts: &[&Tensor], cols: usize) -> crate::Result<bool> {
+    for t in ts {
+        if t.dtype() != DType::BF16 || !t.is_contiguous() || tensor_addr(t)? % 16 != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(cols % 8 == 0)
+}
+
+fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
+    if l.bias().is_some() {
+        return Ok(None);
+    }
+    Ok(match l {
+        Linear::Dense { w, .. } => {
+            let (rows, cols) = w.dims2()?;
+            if !usable(&[w], cols)? {
+                return Ok(None);
+            }
+            Some(Lin::Dense { w: tensor_addr(w)?, rows, cols })
+        }
+        Linear::LowRank { a, b, .. } => {
+            let (rows, rank) = a.dims2()?;
+            let cols = b.dim(1)?;
+            if rank % 8 != 0 || !usable(&[a, b], cols)? {
+                return Ok(None);
+            }
+            let t = Tensor::zeros((batch, rank), DType::BF16, a.device())?;
+            Some(Lin::LowRank { a: tensor_addr(a)?, b: tensor_addr(b)?, rows, rank, cols, t })
+        }
+        _ => None,
+    })
+}
+
+/// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
+pub fn enabled() -> bool {
+    use std::sync::atomic::Ordering;
+    match STEP_GRAPH.load(Ordering::Relaxed) {
+        u8::MAX => {
+            let on = std::env::var("COMPACTOR_STEP_GRAPH").map(|v| v != "0").unwrap_or(true);
+            STEP_GRAPH.store(on as u8, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+static STEP_GRAPH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Turns the step graph on or off for later decoders (a benchmark compares both in one run).
+pub fn set_enabled(on: bool) {
+    STEP_GRAPH.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl Decoder {
+    /// A decoder that continues from `cache` (filled by the candle model's prefill of `batch`
+    /// sequences) for up to `max_len` positions in all; `None` where the step graph does not
+    /// apply (not CUDA bf16, a layer other than dense or low rank, biases, batch > 16, …), and
+    /// the caller goes on with candle ops.
+    pub fn new(model: &Model, cache: &KvCache, batch: usize, max_len: usize) -> crate::Result<Option<Decoder>> {
+        let candle_core::Device::Cuda(dev) = &model.device else { return Ok(None) };
+        let cfg = &model.cfg;
+        let (h, inter, nh, nkv, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let fits = enabled()
+            && model.dtype == DType::BF16
+            && !model.differentiable
+            && model.capture.is_none()
+            && (1..=16).contains(&batch)
+            && max_len <= MAX_LEN
+            && cache.len() < max_len
+            && h % 8 == 0
+            && inter % 8 == 0
+            && (nh * hd) % 8 == 0
+            && hd % 2 == 0
+            && hd <= 256
+            && nkv > 0
+            && nh % nkv == 0;
+        if !fits {
+            return Ok(None);
+        }
+        let dev_ = &model.device;
+        let mut layers = Vec::with_capacity(model.blocks.len());
+        for (l, block) in model.blocks.iter().enumerate() {
+            let mut lins = Vec::with_capacity(7);
+            for role in Role::ALL {
+                match lin(block.linear(role), batch)? {
+                    Some(x) => lins.push(x),
+                    None => return Ok(None),
+                }
+            }
+            let kc = Tensor::zeros((batch, nkv, max_len, hd), DType::BF16, dev_)?;
+            let vc = Tensor::zeros((batch, nkv, max_len, hd), DType::BF16, dev_)?;
+            if let Some((k, v)) = cache.layer(l) {
+                if k.dim(0)? != batch {
+                    return Err(crate::Error::Invalid(format!("decoder for {batch} sequences given a cache of {}", k.dim(0)?)));
+                }
+                kc.slice_set(&k.contiguous()?, 2, 0)?;
+                vc.slice_set(&v.contiguous()?, 2, 0)?;
+            }
+            layers.push(Layer { input_norm: tensor_addr(&block.input_norm)?, post_norm: tensor_addr(&block.post_norm)?, lins, kc, vc });
+        }
+        let Some(lm_head) = lin(&model.lm_head, batch)? else { return Ok(None) };
+        let vocab = cfg.vocab_size;
+        let z = |n: usize| Tensor::zeros((batch, n), DType::BF16, dev_);
+        let inv: Vec<f32> = (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+        let bufs = Bufs {
+            meta: Tensor::zeros(batch + 1, DType::U32, dev_)?,
+            inv_freq: Tensor::new(inv.as_slice(), dev_)?,
+            x: z(h)?,
+            xn: z(h)?,
+            q: z(nh * hd)?,
+            k: z(nkv * hd)?,
+            v: z(nkv * hd)?,
+            att: z(nh * hd)?,
+            o: z(h)?,
+            gate: z(inter)?,
+            up: z(inter)?,
+            act: z(inter)?,
+            down: z(h)?,
+            logits: z(vocab)?,
+            out: Tensor::zeros((batch, vocab), DType::F32, dev_)?,
+        };
+        let mode = gemv_mode(batch);
+        if mode == 0 {
+            crate::gpu::cublas_workspace(dev)?;
+        }
+        Ok(Some(Decoder {
+            dev: dev.clone(),
+            batch,
+            max_len,
+            pos: cache.len(),
+            h,
+            inter,
+            vocab,
+            nh,
+            nkv,
+            hd,
+            eps: cfg.rms_norm_eps as f32,
+            // candle scales bf16 tensors by a bf16 factor
+            emb_mult: half::bf16::from_f64(cfg.embedding_multiplier).to_f32(),
+            res_mult: half::bf16::from_f64(cfg.residual_multiplier).to_f32(),
+            att_scale: cfg.attention_scale as f32,
+            logits_mul: (1.0 / cfg.logits_scaling) as f32,
+            embed: tensor_addr(&model.embed)?,
+            final_norm: tensor_addr(&model.norm)?,
+            lm_head,
+            layers,
+            bufs,
+            mode,
+            graph: None,
+            _model: model.clone(),
+        }))
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Logits (batch, vocab, f32) of the next position after `ids` (one token per sequence),
+    /// whose keys and values join the cache.
+    pub fn step(&mut self, ids: &[u32]) -> crate::Result<Tensor> {
+        if ids.len() != self.batch {
+            return Err(crate::Error::Invalid(format!("decoder step: {} ids for {} sequences", ids.len(), self.batch)));
+        }
+        if self.pos >= self.max_len {
+            return Err(crate::Error::Invalid(format!("decoder full: {} positions", self.max_len)));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
+            return Err(crate::Error::Invalid(format!("token id {bad} outside the vocabulary of {}", self.vocab)));
+        }
+        let mut meta = Vec::with_capacity(self.batch + 1);
+        meta.push(self.pos as u32);
+        meta.extend_from_slice(ids);
+        let stream = self.dev.cuda_stream();
+        // SAFETY: `meta` is batch + 1 u32 on the device; a pageable source is staged by the
+        // driver before the call returns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(tensor_addr(&self.bufs.meta)?, &meta, stream.cu_stream()) }.map_err(ce("copy of the step's ids"))?;
+        if self.graph.is_none() {
+            // one step from the host first (kernels loaded, cuBLAS warmed), then the capture
+            self.issue()?;
+            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(ce("begin capture"))?;
+            let issued = self.issue();
+            let g = stream.end_capture(CUgraphInstantiate_flags(0)).map_err(ce("end capture"));
+            issued?;
+            let g = g?.ok_or_else(|| crate::Error::Invalid("stream capture gave no graph".into()))?;
+            g.upload().map_err(ce("graph upload"))?;
+            self.graph = Some(g);
+        }
+        self.graph.as_ref().expect("captured").launch().map_err(ce("graph launch"))?;
+        self.pos += 1;
+        Ok(self.bufs.out.copy()?)
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) -> crate::Result<()> {
+        let func = kernel(&self.dev, name)?;
+        let mut params: Vec<*mut c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::P(v) => v as *const u64 as *mut c_void,
+                Arg::I(v) => v as *const i32 as *mut c_void,
+                Arg::F(v) => v as *const f32 as *mut c_void,
+            })
+            .collect();
+        // SAFETY: each call below lists the arguments of its kernel in STEP_SRC.
+        unsafe { launch_raw(&self.dev, &func, grid, block, shared, &mut params, true) }?;
+        Ok(())
+    }
+
+    /// The products of `lins` (one group: they read `x`, width `n`) into `ys`.
+    fn products(&self, lins: &[&Lin], x: u64, ys: &[u64]) -> crate::Result<()> {
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        for (l, &y) in lins.iter().zip(ys) {
+            match l {
+                Lin::Dense { w, rows, cols } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols }),
+                Lin::LowRank { a, b, rows, rank, cols, t } => {
+                    let t = tensor_addr(t)?;
+                    first.push(Product { w: *b, x, y: t, rows: *rank, cols: *cols, ldx: *cols });
+                    second.push(Product { w: *a, x: t, y, rows: *rows, cols: *rank, ldx: *rank });
+                }
+            }
+        }
+        launch_products(&self.dev, self.mode, self.batch, &first, true)?;
+        if !second.is_empty() {
+            launch_products(&self.dev, self.mode, self.batch, &second, true)?;
+        }
+        Ok(())
+    }
+
+    /// Issues one step on the stream (captured into the graph once, see [`Decoder::step`]).
+    fn issue(&self) -> crate::Result<()> {
+        use Arg::{F, I, P};
+        let b = &self.bufs;
+        let a = |t: &Tensor| tensor_addr(t);
+        let (meta, x, xn, q, k, v, att, o, gate, up, act, down) =
+            (a(&b.meta)?, a(&b.x)?, a(&b.xn)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.o)?, a(&b.gate)?, a(&b.up)?, a(&b.act)?, a(&b.down)?);
+        let nb = self.batch as u32;
+        let (h, nh, nkv, hd) = (self.h as i32, self.nh as i32, self.nkv as i32, self.hd as i32);
+        self.launch("step_embed", (nb, 1), 256, 0, &[P(meta), P(self.embed), P(x), I(h), F(self.emb_mult)])?;
+        let norm = |d: u64, w: u64| self.launch("step_add_norm", (nb, 1), 512, 0, &[P(x), P(d), F(self.res_mult), P(w), P(xn), I(h), F(self.eps)]);
+        let n_act = (self.batch * self.inter) as i32;
+        let elem_blocks = ((n_act as u32).div_ceil(256)).min(1024);
+        for (l, layer) in self.layers.iter().enumerate() {
+            norm(if l == 0 { 0 } else { down }, layer.input_norm)?;
+            let ls = &layer.lins;
+            self.products(&[&ls[0], &ls[1], &ls[2]], xn, &[q, k, v])?;
+            let (kc, vc) = (a(&layer.kc)?, a(&layer.vc)?);
+            self.launch("step_rope_kv", (nb, 1), 256, 0, &[P(meta), P(q), P(k), P(v), P(kc), P(vc), P(a(&b.inv_freq)?), I(nh), I(nkv), I(hd), I(self.max_len as i32)])?;
+            let shared = (self.max_len * 4) as u32;
+            self.launch("step_attend", (self.nh as u32, nb), 128, shared, &[P(meta), P(q), P(kc), P(vc), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(self.att_scale)])?;
+            self.products(&[&ls[3]], att, &[o])?;
+            norm(o, layer.post_norm)?;
+            self.products(&[&ls[4], &ls[5]], xn, &[gate, up])?;
+            self.launch("step_silu_mul", (elem_blocks, 1), 256, 0, &[P(gate), P(up), P(act), I(n_act)])?;
+            self.products(&[&ls[6]], act, &[down])?;
+        }
+        norm(if self.layers.is_empty() { 0 } else { down }, self.final_norm)?;
+        self.products(&[&self.lm_head], xn, &[a(&b.logits)?])?;
+        let n_out = (self.batch * self.vocab) as i32;
+        self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &[P(a(&b.logits)?), P(a(&b.out)?), I(n_out), F(self.logits_mul)])?;
+        Ok(())
+    }
+}
