@@ -39,6 +39,8 @@ stub cusparse libcusparse.so.12 cusparse/sys cusparse
 export PATH=$CU/bin:$PATH CUDA_HOME=$CU CUDA_PATH=$CU CUDA_ROOT=$CU
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export LIBRARY_PATH=$LINK RUSTFLAGS="-L $LINK"
+# the decode kernels are compiled by NVRTC at run time: compile them here first
+LD_LIBRARY_PATH="$CU/lib" python3 scripts/nvrtc-check.py "$(ls "$CU"/lib/libnvrtc.so.* | head -1)"
 cargo build --release -p compactor-cli --features cuda --bin compactor
 mkdir -p .gpu
 cp "$CARGO_TARGET_DIR/release/compactor" .gpu/compactor

@@ -113,7 +113,7 @@ unset COMPACTOR_GPU_TIMING
 }
 decode_full() {
 step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16 (COMPACTOR_PDL=${COMPACTOR_PDL:-1})"
-timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16
+timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-ops,graph}
 }
 svd_only() {
 step "Compactor svd plan at 0.5 (for decode)"
@@ -127,6 +127,19 @@ for g in 0 1; do for v in $G /tmp/gt-svd-cuda; do
   COMPACTOR_STEP_GRAPH=$g timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|graph $g $(basename $v): |"
 done; done
 timeout 120 $B bench decode $G /tmp/gt-svd-cuda --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 2 --batch 1,16
+}
+# what each kind of kernel costs in the step graph (left out in turn: the logits are then wrong)
+decode_parts() {
+step "decode step graph, batch 1: time with kernel kinds left out (timing only)"
+for sk in none attend norm silu attend,norm,silu head products; do
+  echo "left out: $sk"; COMPACTOR_STEP_SKIP=$sk timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 2 --batch ${PARTS_BATCH:-1} --paths graph 2>/dev/null | grep -E "^/tmp"
+done
+}
+# the step graph with the CUDA-core kernel's column split aimed at fewer or more warps per launch
+decode_split() {
+for w in ${SPLITS:-2048 4096 8192 16384}; do
+  echo "COMPACTOR_SPLIT_WARPS=$w"; COMPACTOR_SPLIT_WARPS=$w timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1 --paths graph 2>/dev/null | grep -E "^/tmp"
+done
 }
 # whole-model decode with and without programmatic dependent launches
 decode_pdl() {

@@ -350,7 +350,10 @@ pub fn print_summary(s: &run::RunSummary) {
 
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::too_many_arguments)]
-pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String, batches: Vec<usize>) -> Result<()> {
+pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String, batches: Vec<usize>, paths: Vec<String>) -> Result<()> {
+    if let Some(p) = paths.iter().find(|p| !["ops", "graph"].contains(&p.as_str())) {
+        anyhow::bail!("--paths: unknown path `{p}` (expected ops, graph or both)");
+    }
     let dev = compactor_core::device(&device)?;
     let dt = parse_dtype(&dtype)?;
     let load = |p: &Path| -> Result<Model> {
@@ -366,9 +369,14 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
     for c in &compressed {
         models.push((c.display().to_string(), load(c)?));
     }
-    // on CUDA in bf16 each model decodes twice: candle ops, and the whole step as a CUDA graph
+    // on CUDA in bf16 a model can decode two ways: candle ops, and the whole step as a CUDA graph
+    let graph_ok = cfg!(feature = "cuda") && dev.is_cuda() && dt == candle_core::DType::BF16;
+    let paths: Vec<bool> = [("ops", false), ("graph", true)].into_iter().filter(|(n, g)| paths.iter().any(|p| p == n) && (!g || graph_ok)).map(|(_, g)| g).collect();
+    if paths.is_empty() {
+        anyhow::bail!("--paths graph needs CUDA and --dtype bf16");
+    }
     #[cfg(feature = "cuda")]
-    let paths: Vec<bool> = if dev.is_cuda() && dt == candle_core::DType::BF16 {
+    if paths.len() == 2 {
         for (name, m) in &models {
             for &batch in &batches {
                 match eval::step_agreement(m, &prompt, batch, 16)? {
@@ -377,12 +385,7 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
                 }
             }
         }
-        vec![false, true]
-    } else {
-        vec![false]
-    };
-    #[cfg(not(feature = "cuda"))]
-    let paths = vec![false];
+    }
     for &batch in &batches {
         for &graph in &paths {
             #[cfg(feature = "cuda")]

@@ -179,6 +179,10 @@ enum BenchCmd {
         /// Sequences decoded side by side (a list: each is measured, the models load once).
         #[arg(long, value_delimiter = ',', default_value = "1")]
         batch: Vec<usize>,
+        /// How decode steps run (CUDA, bf16): `ops` (candle ops), `graph` (the whole step as one
+        /// CUDA graph), or both; the agreement of their logits is checked when both run.
+        #[arg(long, value_delimiter = ',', default_value = "ops,graph")]
+        paths: Vec<String>,
     },
     /// Decode-shaped products over a Granite-8B-shaped stack of linear layers: dense against
     /// low-rank, decode GEMV kernel against cuBLAS, batch 1 and 16.
@@ -381,8 +385,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } => match what {
             BenchCmd::Heatmap { rows, cols, width, height, runs } => render::bench_heatmap(rows, cols, width, height, runs),
             BenchCmd::Linear { device, layers, ratio, batch, repeats } => commands::bench_linear(device, layers, ratio, batch, repeats),
-            BenchCmd::Decode { dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch } => {
-                commands::bench_decode(dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch)
+            BenchCmd::Decode { dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch, paths } => {
+                commands::bench_decode(dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch, paths)
             }
         },
         Cmd::Generate { model, prompt, max_tokens, device, dtype } => {

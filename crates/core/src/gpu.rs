@@ -644,10 +644,15 @@ fn rows_per_warp(b: usize) -> usize {
 }
 
 /// Warps that share a row group: more where there are few rows of many columns, so that a
-/// launch has ~8K warps in flight, but each lane still does at least two 16-byte loads per row.
+/// launch has ~4K warps in flight, but each lane still does at least two 16-byte loads per row.
+/// The target is `COMPACTOR_SPLIT_WARPS` (4096 unless set): in the decode step graph of the
+/// Granite-8B shapes at batch 1 (H100, 2026-11-28) 2048 / 4096 / 8192 / 16384 gave the svd model
+/// 268.0 / 272.3 / 258.6 / 263.0 tok/s and the dense one 158.3 / 158.8 / 157.3 / 163.7.
 fn split_for(row_groups: usize, cols8: usize) -> usize {
+    static TARGET: OnceLock<usize> = OnceLock::new();
+    let target = *TARGET.get_or_init(|| std::env::var("COMPACTOR_SPLIT_WARPS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096));
     let mut s = 1;
-    while s < 8 && row_groups * s < 8192 && cols8 >= 64 * s * 2 {
+    while s < 8 && row_groups * s < target && cols8 >= 64 * s * 2 {
         s *= 2;
     }
     s

@@ -7,7 +7,7 @@
 //! intermediate, a KV cache of fixed length per layer — and issues one step as
 //!
 //! ```text
-//! embed ─► per block: add+norm ─► q/k/v (grouped) ─► rope + cache write ─► attention ─► o
+//! embed ─► per block: add+norm ─► q/k/v (grouped) ─► attention (RoPE, cache write) ─► o
 //!                     add+norm ─► gate/up (grouped) ─► silu·up ─► down
 //!        ─► add+norm ─► lm_head ─► logits (f32, ÷ logits_scaling)
 //! ```
@@ -50,9 +50,17 @@ __device__ float block_max(float v, float* red) {
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    v = lane < nw ? red[lane] : -INFINITY;
+    v = lane < nw ? red[lane] : __int_as_float(0xff800000u);
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    uint4 u;
+    u.x = to_bf16(f[0]) | ((unsigned)to_bf16(f[1]) << 16);
+    u.y = to_bf16(f[2]) | ((unsigned)to_bf16(f[3]) << 16);
+    u.z = to_bf16(f[4]) | ((unsigned)to_bf16(f[5]) << 16);
+    u.w = to_bf16(f[6]) | ((unsigned)to_bf16(f[7]) << 16);
+    return u;
 }
 // meta[0]: the position of this step's tokens; meta[1 + b]: the token of sequence b.
 // x (b × h) = embed[id_b] · mult. Grid: b.
@@ -63,79 +71,147 @@ extern "C" __global__ void step_embed(const unsigned* meta, const unsigned short
     for (int i = threadIdx.x; i < h; i += blockDim.x) x[(size_t)b * h + i] = mult == 1.f ? row[i] : to_bf16(bf(row[i]) * mult);
 }
 // x += s·d (when d is given; rounded as candle rounds: s·d, then the sum), then
-// y = x / sqrt(mean(x²) + eps) ⊙ w. Grid: b.
+// y = x / sqrt(mean(x²) + eps) ⊙ w. Grid: b; each thread keeps up to 4 chunks of 8 in registers
+// (h % 8 == 0, h ≤ 32 · blockDim); the norm weights are loaded before waiting for x.
 extern "C" __global__ void step_add_norm(unsigned short* x, const unsigned short* d, float s, const unsigned short* w, unsigned short* y, int h, float eps) {
     __shared__ float red[32];
-    pdl_launch_next(); pdl_wait();
-    const size_t off = (size_t)blockIdx.x * h;
+    pdl_launch_next();
+    const size_t off8 = (size_t)blockIdx.x * (h >> 3);
+    const int n8 = h >> 3;
+    uint4 wraw[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const int i8 = threadIdx.x + c * blockDim.x;
+        wraw[c] = i8 < n8 ? ((const uint4*)w)[i8] : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    uint4* xr = (uint4*)x + off8;
+    float v[4][8];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        float v = bf(x[off + i]);
-        if (d) {
-            const float dv = bf(d[off + i]);
-            v = rbf(v + (s == 1.f ? dv : rbf(dv * s)));
-            x[off + i] = to_bf16(v);
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const int i8 = threadIdx.x + c * blockDim.x;
+        if (i8 < n8) {
+            unpack8(xr[i8], v[c]);
+            if (d) {
+                float dv[8];
+                unpack8(((const uint4*)d)[off8 + i8], dv);
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[c][j] = rbf(v[c][j] + (s == 1.f ? dv[j] : rbf(dv[j] * s)));
+                xr[i8] = pack8(v[c]);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) ss += v[c][j] * v[c][j];
         }
-        ss += v * v;
     }
     const float r = rsqrtf(block_sum(ss, red) / h + eps);
-    for (int i = threadIdx.x; i < h; i += blockDim.x) y[off + i] = to_bf16(bf(x[off + i]) * r * bf(w[i]));
-}
-// Rotary embedding (rotate-half) at position meta[0] of q (b × nh·hd, in place) and k
-// (b × nkv·hd); the rotated k and v go to the caches (b, nkv, max_t, hd) at that position.
-// Grid: b.
-extern "C" __global__ void step_rope_kv(const unsigned* meta, unsigned short* q, const unsigned short* k, const unsigned short* v,
-                                        unsigned short* kc, unsigned short* vc, const float* inv_freq, int nh, int nkv, int hd, int max_t) {
-    pdl_launch_next(); pdl_wait();
-    const int b = blockIdx.x, pos = meta[0], half = hd >> 1;
-    for (int j = threadIdx.x; j < (nh + nkv) * half; j += blockDim.x) {
-        const int head = j / half, i = j - head * half;
-        const float ang = (float)pos * inv_freq[i];
-        const float c = rbf(cosf(ang)), sn = rbf(sinf(ang));
-        const unsigned short* src;
-        unsigned short* dst;
-        if (head < nh) {
-            dst = q + ((size_t)b * nh + head) * hd;
-            src = dst;
-        } else {
-            const int kh = head - nh;
-            src = k + ((size_t)b * nkv + kh) * hd;
-            dst = kc + (((size_t)b * nkv + kh) * max_t + pos) * hd;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const int i8 = threadIdx.x + c * blockDim.x;
+        if (i8 < n8) {
+            float wv[8];
+            unpack8(wraw[c], wv);
+#pragma unroll
+            for (int j = 0; j < 8; j++) wv[j] = v[c][j] * r * wv[j];
+            ((uint4*)y)[off8 + i8] = pack8(wv);
         }
-        const float x1 = bf(src[i]), x2 = bf(src[i + half]);
-        dst[i] = to_bf16(rbf(x1 * c) - rbf(x2 * sn));
-        dst[i + half] = to_bf16(rbf(x2 * c) + rbf(x1 * sn));
-    }
-    for (int j = threadIdx.x; j < nkv * hd; j += blockDim.x) {
-        const int kh = j / hd, e = j - kh * hd;
-        vc[(((size_t)b * nkv + kh) * max_t + pos) * hd + e] = v[(size_t)b * nkv * hd + j];
     }
 }
-// Attention of one query head over cached positions 0..=meta[0]: softmax(q·kᵀ·scale) v, the
-// probabilities rounded to bf16 as candle's path does before its product with v.
-// Grid: (nh, b); dynamic shared memory: max_t floats; hd ≤ 256.
-extern "C" __global__ void step_attend(const unsigned* meta, const unsigned short* q, const unsigned short* kc, const unsigned short* vc,
-                                       unsigned short* y, int nh, int nkv, int hd, int max_t, float scale) {
+// Attention of query head h of sequence b at position pos = meta[0], rotary embedding included:
+// q (b × nh·hd) and this position's k, v (b × nkv·hd) as the products left them. The block
+// rotates q and k (rotate-half), scores the cached positions 0..pos-1 and the new one,
+// softmax(q·kᵀ·scale) with the probabilities rounded to bf16 as candle's path does, times v.
+// The first query head of each kv group writes the rotated k and v into the caches (b, nkv,
+// max_t, hd) at pos, for the steps after this one. What earlier steps wrote — the position, the
+// cached keys and values — and the rotation angles are loaded before waiting for the products
+// (thread t holds cached key t when hd ≤ 128; each thread its first 8 value chunks).
+// Grid: (nh, b); 256 threads; dynamic shared memory: max_t floats; hd % 8 == 0, hd ≤ 256.
+extern "C" __global__ void step_attend(const unsigned* meta, const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                       unsigned short* kc, unsigned short* vc, const float* inv_freq, unsigned short* y,
+                                       int nh, int nkv, int hd, int max_t, float scale) {
     extern __shared__ float sc[];
     __shared__ float qs[256];
+    __shared__ float kn[256];
+    __shared__ float part[8 * 256];
     __shared__ float red[32];
-    pdl_launch_next(); pdl_wait();
-    const int h = blockIdx.x, b = blockIdx.y, kvh = h / (nh / nkv);
-    const int t_len = meta[0] + 1;
+    pdl_launch_next();
+    const int h = blockIdx.x, b = blockIdx.y, group = nh / nkv, kvh = h / group;
+    const int pos = meta[0], t_len = pos + 1, half = hd >> 1, c8 = hd >> 3;
+    unsigned short* kb = kc + ((size_t)b * nkv + kvh) * max_t * hd;
+    unsigned short* vb = vc + ((size_t)b * nkv + kvh) * max_t * hd;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    float cs = 0.f, sn = 0.f;
+    if (threadIdx.x < half) {
+        sincosf((float)pos * inv_freq[threadIdx.x], &sn, &cs);
+        cs = rbf(cs);
+        sn = rbf(sn);
+    }
+    const bool kpre = hd <= 128 && threadIdx.x < pos;
+    uint4 kreg[16];
+#pragma unroll
+    for (int c = 0; c < 16; c++) kreg[c] = (kpre && c < c8) ? ((const uint4*)(kb + (size_t)threadIdx.x * hd))[c] : zero;
+    const int groups = blockDim.x / c8, g = threadIdx.x / c8, cc = threadIdx.x - g * c8;
+    uint4 vreg[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int t = g + j * groups;
+        vreg[j] = (g < groups && t < pos) ? ((const uint4*)(vb + (size_t)t * hd))[cc] : zero;
+    }
+    pdl_wait();
     const unsigned short* qr = q + ((size_t)b * nh + h) * hd;
-    for (int e = threadIdx.x; e < hd; e += blockDim.x) qs[e] = bf(qr[e]);
-    __syncthreads();
-    const unsigned short* kb = kc + ((size_t)b * nkv + kvh) * max_t * hd;
-    const unsigned short* vb = vc + ((size_t)b * nkv + kvh) * max_t * hd;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    float mx = -INFINITY;
-    for (int t = warp; t < t_len; t += nw) {
-        const unsigned short* kr = kb + (size_t)t * hd;
+    const unsigned short* kr = k + ((size_t)b * nkv + kvh) * hd;
+    const unsigned short* vr = v + ((size_t)b * nkv + kvh) * hd;
+    const bool writer = h % group == 0;
+    float self_dot = 0.f;  // this thread's share of the new position's score q·k
+    if (threadIdx.x < half) {
+        const int i = threadIdx.x;
+        float a1 = bf(qr[i]), a2 = bf(qr[i + half]);
+        qs[i] = rbf(rbf(a1 * cs) - rbf(a2 * sn));
+        qs[i + half] = rbf(rbf(a2 * cs) + rbf(a1 * sn));
+        a1 = bf(kr[i]);
+        a2 = bf(kr[i + half]);
+        const unsigned short k1 = to_bf16(rbf(a1 * cs) - rbf(a2 * sn)), k2 = to_bf16(rbf(a2 * cs) + rbf(a1 * sn));
+        kn[i] = bf(k1);
+        kn[i + half] = bf(k2);
+        self_dot = qs[i] * kn[i] + qs[i + half] * kn[i + half];
+        if (writer) {
+            kb[(size_t)pos * hd + i] = k1;
+            kb[(size_t)pos * hd + i + half] = k2;
+        }
+    }
+    if (writer)
+        for (int e = threadIdx.x; e < hd; e += blockDim.x) vb[(size_t)pos * hd + e] = vr[e];
+    const float s_new = block_sum(self_dot, red);  // also makes qs visible to every thread
+    // scores: one position per thread, 8 columns per load
+    float mx = __int_as_float(0xff800000u);
+    for (int t = threadIdx.x; t < t_len; t += blockDim.x) {
         float s = 0.f;
-        for (int e = lane; e < hd; e += 32) s = fmaf(qs[e], bf(kr[e]), s);
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (t == pos) {
+            s = s_new;
+        } else if (kpre && t == threadIdx.x) {
+            float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int c = 0; c < 16; c++) {
+                if (c < c8) {
+                    float f[8];
+                    unpack8(kreg[c], f);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) s4[c & 3] = fmaf(qs[c * 8 + j], f[j], s4[c & 3]);
+                }
+            }
+            s = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+        } else {
+            const uint4* kt = (const uint4*)(kb + (size_t)t * hd);
+#pragma unroll 16
+            for (int c = 0; c < c8; c++) {
+                float f[8];
+                unpack8(kt[c], f);
+#pragma unroll
+                for (int j = 0; j < 8; j++) s = fmaf(qs[c * 8 + j], f[j], s);
+            }
+        }
         s *= scale;
-        if (lane == 0) sc[t] = s;
+        sc[t] = s;
         mx = fmaxf(mx, s);
     }
     mx = block_max(mx, red);
@@ -148,18 +224,50 @@ extern "C" __global__ void step_attend(const unsigned* meta, const unsigned shor
     const float inv = 1.f / block_sum(sum, red);
     for (int t = threadIdx.x; t < t_len; t += blockDim.x) sc[t] = rbf(sc[t] * inv);
     __syncthreads();
+    // p·v: thread (g, cc) adds positions t ≡ g (mod groups) for columns 8cc..8cc+7
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.f;
+    if (g < groups) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int t = g + j * groups;
+            if (t < t_len) {
+                float f[8];
+                unpack8(t == pos ? ((const uint4*)vr)[cc] : vreg[j], f);
+                const float p = sc[t];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[e] = fmaf(p, f[e], acc[e]);
+            }
+        }
+#pragma unroll 8
+        for (int t = g + 8 * groups; t < t_len; t += groups) {
+            float f[8];
+            unpack8(t == pos ? ((const uint4*)vr)[cc] : ((const uint4*)(vb + (size_t)t * hd))[cc], f);
+            const float p = sc[t];
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[e] = fmaf(p, f[e], acc[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) part[g * hd + cc * 8 + e] = acc[e];
+    }
+    __syncthreads();
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
-        float acc = 0.f;
-        for (int t = 0; t < t_len; t++) acc = fmaf(sc[t], bf(vb[(size_t)t * hd + e]), acc);
-        y[((size_t)b * nh + h) * hd + e] = to_bf16(acc);
+        float o = 0.f;
+        for (int gg = 0; gg < groups; gg++) o += part[gg * hd + e];
+        y[((size_t)b * nh + h) * hd + e] = to_bf16(o);
     }
 }
-// a = silu(g) ⊙ u over n elements (silu rounded to bf16 first, as candle does).
-extern "C" __global__ void step_silu_mul(const unsigned short* g, const unsigned short* u, unsigned short* a, int n) {
+// a = silu(g) ⊙ u over n8 chunks of 8 (silu rounded to bf16 first, as candle does).
+extern "C" __global__ void step_silu_mul(const unsigned short* g, const unsigned short* u, unsigned short* a, int n8) {
     pdl_launch_next(); pdl_wait();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const float x = bf(g[i]);
-        a[i] = to_bf16(rbf(x / (1.f + expf(-x))) * bf(u[i]));
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+        float gf[8], uf[8];
+        unpack8(((const uint4*)g)[i], gf);
+        unpack8(((const uint4*)u)[i], uf);
+#pragma unroll
+        for (int j = 0; j < 8; j++) gf[j] = rbf(gf[j] / (1.f + expf(-gf[j]))) * uf[j];
+        ((uint4*)a)[i] = pack8(gf);
     }
 }
 // out (f32) = l (bf16) · mul over n elements.
@@ -171,6 +279,8 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
 
 /// Longest sequence a decoder holds (the attention kernel keeps a row of scores in shared memory).
 pub const MAX_LEN: usize = 8192;
+/// Threads of the norm kernel (it keeps 32 values of a row per thread: hidden ≤ 32 × this).
+const NORM_THREADS: usize = 512;
 
 /// One kernel argument.
 #[derive(Clone, Copy)]
@@ -242,6 +352,9 @@ pub struct Decoder {
     bufs: Bufs,
     mode: u8,
     graph: Option<cudarc::driver::CudaGraph>,
+    /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
+    /// silu, products, head): for timing what each costs only — the logits are then wrong
+    skip: Vec<String>,
     /// keeps the weights the addresses above point into alive
     _model: Model,
 }
@@ -318,9 +431,9 @@ impl Decoder {
             && max_len <= MAX_LEN
             && cache.len() < max_len
             && h % 8 == 0
+            && h <= 32 * NORM_THREADS
             && inter % 8 == 0
-            && (nh * hd) % 8 == 0
-            && hd % 2 == 0
+            && hd % 8 == 0
             && hd <= 256
             && nkv > 0
             && nh % nkv == 0;
@@ -397,6 +510,7 @@ impl Decoder {
             bufs,
             mode,
             graph: None,
+            skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             _model: model.clone(),
         }))
     }
@@ -491,25 +605,38 @@ impl Decoder {
         let nb = self.batch as u32;
         let (h, nh, nkv, hd) = (self.h as i32, self.nh as i32, self.nkv as i32, self.hd as i32);
         self.launch("step_embed", (nb, 1), 256, 0, &[P(meta), P(self.embed), P(x), I(h), F(self.emb_mult)])?;
-        let norm = |d: u64, w: u64| self.launch("step_add_norm", (nb, 1), 512, 0, &[P(x), P(d), F(self.res_mult), P(w), P(xn), I(h), F(self.eps)]);
-        let n_act = (self.batch * self.inter) as i32;
-        let elem_blocks = ((n_act as u32).div_ceil(256)).min(1024);
+        let skip = |what: &str| self.skip.iter().any(|s| s == what);
+        let norm = |d: u64, w: u64| {
+            if skip("norm") {
+                return Ok(());
+            }
+            self.launch("step_add_norm", (nb, 1), NORM_THREADS as u32, 0, &[P(x), P(d), F(self.res_mult), P(w), P(xn), I(h), F(self.eps)])
+        };
+        let products = |lins: &[&Lin], x: u64, ys: &[u64]| if skip("products") { Ok(()) } else { self.products(lins, x, ys) };
+        let n8 = (self.batch * self.inter / 8) as i32;
+        let elem_blocks = ((n8 as u32).div_ceil(256)).min(1024);
+        let inv_freq = a(&b.inv_freq)?;
         for (l, layer) in self.layers.iter().enumerate() {
             norm(if l == 0 { 0 } else { down }, layer.input_norm)?;
             let ls = &layer.lins;
-            self.products(&[&ls[0], &ls[1], &ls[2]], xn, &[q, k, v])?;
-            let (kc, vc) = (a(&layer.kc)?, a(&layer.vc)?);
-            self.launch("step_rope_kv", (nb, 1), 256, 0, &[P(meta), P(q), P(k), P(v), P(kc), P(vc), P(a(&b.inv_freq)?), I(nh), I(nkv), I(hd), I(self.max_len as i32)])?;
-            let shared = (self.max_len * 4) as u32;
-            self.launch("step_attend", (self.nh as u32, nb), 128, shared, &[P(meta), P(q), P(kc), P(vc), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(self.att_scale)])?;
-            self.products(&[&ls[3]], att, &[o])?;
+            products(&[&ls[0], &ls[1], &ls[2]], xn, &[q, k, v])?;
+            if !skip("attend") {
+                let (kc, vc) = (a(&layer.kc)?, a(&layer.vc)?);
+                let args = [P(meta), P(q), P(k), P(v), P(kc), P(vc), P(inv_freq), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(self.att_scale)];
+                self.launch("step_attend", (self.nh as u32, nb), 256, (self.max_len * 4) as u32, &args)?;
+            }
+            products(&[&ls[3]], att, &[o])?;
             norm(o, layer.post_norm)?;
-            self.products(&[&ls[4], &ls[5]], xn, &[gate, up])?;
-            self.launch("step_silu_mul", (elem_blocks, 1), 256, 0, &[P(gate), P(up), P(act), I(n_act)])?;
-            self.products(&[&ls[6]], act, &[down])?;
+            products(&[&ls[4], &ls[5]], xn, &[gate, up])?;
+            if !skip("silu") {
+                self.launch("step_silu_mul", (elem_blocks, 1), 256, 0, &[P(gate), P(up), P(act), I(n8)])?;
+            }
+            products(&[&ls[6]], act, &[down])?;
         }
         norm(if self.layers.is_empty() { 0 } else { down }, self.final_norm)?;
-        self.products(&[&self.lm_head], xn, &[a(&b.logits)?])?;
+        if !skip("head") {
+            self.products(&[&self.lm_head], xn, &[a(&b.logits)?])?;
+        }
         let n_out = (self.batch * self.vocab) as i32;
         self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &[P(a(&b.logits)?), P(a(&b.out)?), I(n_out), F(self.logits_mul)])?;
         Ok(())
