@@ -356,6 +356,12 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
     }
     let dev = compactor_core::device(&device)?;
     let dt = parse_dtype(&dtype)?;
+    // on CUDA in bf16 a model can decode two ways: candle ops, and the whole step as a CUDA graph
+    let graph_ok = cfg!(feature = "cuda") && dev.is_cuda() && dt == candle_core::DType::BF16;
+    let paths: Vec<bool> = [("ops", false), ("graph", true)].into_iter().filter(|(n, g)| paths.iter().any(|p| p == n) && (!g || graph_ok)).map(|(_, g)| g).collect();
+    if paths.is_empty() {
+        anyhow::bail!("--paths graph needs a CUDA build, --device cuda and --dtype bf16");
+    }
     let load = |p: &Path| -> Result<Model> {
         let t = Instant::now();
         let any = compactor_core::compressed::AnyModel::open(p)?;
@@ -368,12 +374,6 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
     let mut models = vec![(dense.display().to_string(), base)];
     for c in &compressed {
         models.push((c.display().to_string(), load(c)?));
-    }
-    // on CUDA in bf16 a model can decode two ways: candle ops, and the whole step as a CUDA graph
-    let graph_ok = cfg!(feature = "cuda") && dev.is_cuda() && dt == candle_core::DType::BF16;
-    let paths: Vec<bool> = [("ops", false), ("graph", true)].into_iter().filter(|(n, g)| paths.iter().any(|p| p == n) && (!g || graph_ok)).map(|(_, g)| g).collect();
-    if paths.is_empty() {
-        anyhow::bail!("--paths graph needs CUDA and --dtype bf16");
     }
     #[cfg(feature = "cuda")]
     if paths.len() == 2 {

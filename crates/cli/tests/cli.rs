@@ -49,6 +49,23 @@ fn errors_name_the_file_and_exit_nonzero() {
     assert!(e.contains("/nonexistent/model") && !e.contains("panicked"), "{e}");
 }
 
+#[test]
+fn bench_decode_refuses_unknown_or_unavailable_paths() {
+    let model = fixture("granite-tiny");
+    let m = model.to_str().unwrap();
+    for (paths, want) in [("fast", "unknown path `fast`"), ("graph", "--paths graph needs a CUDA build")] {
+        let out = bin().args(["bench", "decode", m, "--paths", paths, "--tokens", "2", "--prompt-tokens", "4"]).output().unwrap();
+        assert!(!out.status.success(), "--paths {paths} succeeded on the CPU");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(want) && !e.contains("panicked"), "{e}");
+    }
+    // the CPU path itself runs and prints its table
+    let out = bin().args(["bench", "decode", m, "--paths", "ops", "--tokens", "4", "--prompt-tokens", "8", "--repeats", "1"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(o.contains("candle ops") && o.contains("1.00x"), "{o}");
+}
+
 fn dir_digest(dir: &Path) -> Vec<(String, u64, Vec<u8>)> {
     use std::io::Read;
     let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();

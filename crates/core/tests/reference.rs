@@ -57,6 +57,36 @@ fn kv_cache_decoding_gives_the_same_logits_as_one_pass() {
 }
 
 #[test]
+fn stepper_and_generate_follow_the_one_pass_logits() {
+    // eval::Stepper (the decode loop of `generate` and `bench decode`): on the CPU it steps with
+    // candle ops and the KV cache; its logits must be those of one pass over the whole sequence
+    let ck = Checkpoint::open(fixture("granite-tiny")).unwrap();
+    let model = Model::load(&ck, DType::F32, &Device::Cpu).unwrap();
+    let (ids, _) = reference_logits("granite-tiny", "reference_logits_f32.safetensors");
+    let ids = &ids[..24];
+    let row = |s: &[u32]| Tensor::new(s, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let full = model.forward(&row(ids), None).unwrap();
+    let (mut stepper, head) = eval::Stepper::start(&model, &row(&ids[..16]), 8).unwrap();
+    assert_eq!((stepper.kind(), stepper.len()), ("ops", 16));
+    let mut parts = vec![head];
+    for &t in &ids[16..] {
+        parts.push(stepper.step(&[t]).unwrap());
+    }
+    assert_eq!(stepper.len(), 24);
+    let stepped = Tensor::cat(&parts, 1).unwrap();
+    assert!(rel_l2(&stepped, &full) < 1e-5);
+    // greedy generation: every new token is the argmax of one pass over what came before it
+    let prompt = &ids[..8];
+    let new = eval::generate(&model, prompt, 6, None).unwrap();
+    assert_eq!(new.len(), 6);
+    let mut seq = prompt.to_vec();
+    seq.extend_from_slice(&new[..5]);
+    let logits = model.forward(&row(&seq), None).unwrap().squeeze(0).unwrap();
+    let argmax: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+    assert_eq!(&argmax[prompt.len() - 1..], &new[..]);
+}
+
+#[test]
 fn batched_decoding_gives_each_sequence_its_own_logits() {
     // `bench decode --batch`: two different sequences through one KV cache, side by side
     let ck = Checkpoint::open(fixture("granite-tiny")).unwrap();
