@@ -3,7 +3,9 @@
 # scripts/build-cuda.sh (.gpu/compactor), the stories260K fixture and its text copied to .gpu/,
 # the Vulkan loader .debs in .gl/. Results go to $OUT (log.txt and JSON files).
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E   (each call must fit 10 minutes)
-#   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full)
+#   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
+#     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl)
 set -uo pipefail
 PART=${1:-A}
 OUT=${OUT:-/tmp/gpu-out}
