@@ -297,8 +297,6 @@ enum Lin {
 }
 
 struct Layer {
-    input_norm: u64,
-    post_norm: u64,
     /// q, k, v, o, gate, up, down
     lins: Vec<Lin>,
     kc: Tensor,
@@ -333,20 +331,6 @@ pub struct Decoder {
     batch: usize,
     max_len: usize,
     pos: usize,
-    h: usize,
-    inter: usize,
-    vocab: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    eps: f32,
-    emb_mult: f32,
-    res_mult: f32,
-    att_scale: f32,
-    /// 1 / logits_scaling (candle divides by multiplying)
-    logits_mul: f32,
-    embed: u64,
-    final_norm: u64,
     lm_head: Lin,
     layers: Vec<Layer>,
     bufs: Bufs,
@@ -355,8 +339,8 @@ pub struct Decoder {
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
     skip: Vec<String>,
-    /// keeps the weights the addresses above point into alive
-    _model: Model,
+    /// the model (a clone: its weights stay alive while the graph points into them)
+    model: Model,
 }
 
 /// bf16, contiguous, 16-byte aligned, with a multiple of 8 columns: what the product kernels read.
@@ -440,7 +424,7 @@ impl Decoder {
         if !fits {
             return Ok(None);
         }
-        let dev_ = &model.device;
+        let device = &model.device;
         let mut layers = Vec::with_capacity(model.blocks.len());
         for (l, block) in model.blocks.iter().enumerate() {
             let mut lins = Vec::with_capacity(7);
@@ -450,8 +434,8 @@ impl Decoder {
                     None => return Ok(None),
                 }
             }
-            let kc = Tensor::zeros((batch, nkv, max_len, hd), DType::BF16, dev_)?;
-            let vc = Tensor::zeros((batch, nkv, max_len, hd), DType::BF16, dev_)?;
+            let kc = Tensor::zeros((batch, nkv, max_len, hd), DType::BF16, device)?;
+            let vc = Tensor::zeros((batch, nkv, max_len, hd), DType::BF16, device)?;
             if let Some((k, v)) = cache.layer(l) {
                 if k.dim(0)? != batch {
                     return Err(crate::Error::Invalid(format!("decoder for {batch} sequences given a cache of {}", k.dim(0)?)));
@@ -459,15 +443,15 @@ impl Decoder {
                 kc.slice_set(&k.contiguous()?, 2, 0)?;
                 vc.slice_set(&v.contiguous()?, 2, 0)?;
             }
-            layers.push(Layer { input_norm: tensor_addr(&block.input_norm)?, post_norm: tensor_addr(&block.post_norm)?, lins, kc, vc });
+            layers.push(Layer { lins, kc, vc });
         }
         let Some(lm_head) = lin(&model.lm_head, batch)? else { return Ok(None) };
         let vocab = cfg.vocab_size;
-        let z = |n: usize| Tensor::zeros((batch, n), DType::BF16, dev_);
+        let z = |n: usize| Tensor::zeros((batch, n), DType::BF16, device);
         let inv: Vec<f32> = (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
         let bufs = Bufs {
-            meta: Tensor::zeros(batch + 1, DType::U32, dev_)?,
-            inv_freq: Tensor::new(inv.as_slice(), dev_)?,
+            meta: Tensor::zeros(batch + 1, DType::U32, device)?,
+            inv_freq: Tensor::new(inv.as_slice(), device)?,
             x: z(h)?,
             xn: z(h)?,
             q: z(nh * hd)?,
@@ -480,7 +464,7 @@ impl Decoder {
             act: z(inter)?,
             down: z(h)?,
             logits: z(vocab)?,
-            out: Tensor::zeros((batch, vocab), DType::F32, dev_)?,
+            out: Tensor::zeros((batch, vocab), DType::F32, device)?,
         };
         let mode = gemv_mode(batch);
         if mode == 0 {
@@ -491,27 +475,13 @@ impl Decoder {
             batch,
             max_len,
             pos: cache.len(),
-            h,
-            inter,
-            vocab,
-            nh,
-            nkv,
-            hd,
-            eps: cfg.rms_norm_eps as f32,
-            // candle scales bf16 tensors by a bf16 factor
-            emb_mult: half::bf16::from_f64(cfg.embedding_multiplier).to_f32(),
-            res_mult: half::bf16::from_f64(cfg.residual_multiplier).to_f32(),
-            att_scale: cfg.attention_scale as f32,
-            logits_mul: (1.0 / cfg.logits_scaling) as f32,
-            embed: tensor_addr(&model.embed)?,
-            final_norm: tensor_addr(&model.norm)?,
             lm_head,
             layers,
             bufs,
             mode,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
-            _model: model.clone(),
+            model: model.clone(),
         }))
     }
 
@@ -533,8 +503,9 @@ impl Decoder {
         if self.pos >= self.max_len {
             return Err(crate::Error::Invalid(format!("decoder full: {} positions", self.max_len)));
         }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
-            return Err(crate::Error::Invalid(format!("token id {bad} outside the vocabulary of {}", self.vocab)));
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(crate::Error::Invalid(format!("token id {bad} outside the vocabulary of {vocab}")));
         }
         let mut meta = Vec::with_capacity(self.batch + 1);
         meta.push(self.pos as u32);
@@ -543,18 +514,21 @@ impl Decoder {
         // SAFETY: `meta` is batch + 1 u32 on the device; a pageable source is staged by the
         // driver before the call returns.
         unsafe { cudarc::driver::result::memcpy_htod_async(tensor_addr(&self.bufs.meta)?, &meta, stream.cu_stream()) }.map_err(ce("copy of the step's ids"))?;
-        if self.graph.is_none() {
-            // one step from the host first (kernels loaded, cuBLAS warmed), then the capture
-            self.issue()?;
-            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(ce("begin capture"))?;
-            let issued = self.issue();
-            let g = stream.end_capture(CUgraphInstantiate_flags(0)).map_err(ce("end capture"));
-            issued?;
-            let g = g?.ok_or_else(|| crate::Error::Invalid("stream capture gave no graph".into()))?;
-            g.upload().map_err(ce("graph upload"))?;
-            self.graph = Some(g);
+        match &self.graph {
+            Some(g) => g.launch().map_err(ce("graph launch"))?,
+            None => {
+                // the first step runs from the host (kernels loaded, cuBLAS warmed), then the
+                // same launches are captured (not run) for the steps after it
+                self.issue()?;
+                stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(ce("begin capture"))?;
+                let issued = self.issue();
+                let g = stream.end_capture(CUgraphInstantiate_flags(0)).map_err(ce("end capture"));
+                issued?;
+                let g = g?.ok_or_else(|| crate::Error::Invalid("stream capture gave no graph".into()))?;
+                g.upload().map_err(ce("graph upload"))?;
+                self.graph = Some(g);
+            }
         }
-        self.graph.as_ref().expect("captured").launch().map_err(ce("graph launch"))?;
         self.pos += 1;
         Ok(self.bufs.out.copy()?)
     }
@@ -602,43 +576,48 @@ impl Decoder {
         let a = |t: &Tensor| tensor_addr(t);
         let (meta, x, xn, q, k, v, att, o, gate, up, act, down) =
             (a(&b.meta)?, a(&b.x)?, a(&b.xn)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.o)?, a(&b.gate)?, a(&b.up)?, a(&b.act)?, a(&b.down)?);
+        let (model, cfg) = (&self.model, &self.model.cfg);
         let nb = self.batch as u32;
-        let (h, nh, nkv, hd) = (self.h as i32, self.nh as i32, self.nkv as i32, self.hd as i32);
-        self.launch("step_embed", (nb, 1), 256, 0, &[P(meta), P(self.embed), P(x), I(h), F(self.emb_mult)])?;
+        let (h, nh, nkv, hd) = (cfg.hidden_size as i32, cfg.num_attention_heads as i32, cfg.num_key_value_heads as i32, cfg.head_dim as i32);
+        // candle scales bf16 tensors by a bf16 factor, and divides f32 ones by multiplying
+        let bf16_factor = |m: f64| half::bf16::from_f64(m).to_f32();
+        let (res_mult, eps) = (bf16_factor(cfg.residual_multiplier), cfg.rms_norm_eps as f32);
+        self.launch("step_embed", (nb, 1), 256, 0, &[P(meta), P(a(&model.embed)?), P(x), I(h), F(bf16_factor(cfg.embedding_multiplier))])?;
         let skip = |what: &str| self.skip.iter().any(|s| s == what);
         let norm = |d: u64, w: u64| {
             if skip("norm") {
                 return Ok(());
             }
-            self.launch("step_add_norm", (nb, 1), NORM_THREADS as u32, 0, &[P(x), P(d), F(self.res_mult), P(w), P(xn), I(h), F(self.eps)])
+            self.launch("step_add_norm", (nb, 1), NORM_THREADS as u32, 0, &[P(x), P(d), F(res_mult), P(w), P(xn), I(h), F(eps)])
         };
         let products = |lins: &[&Lin], x: u64, ys: &[u64]| if skip("products") { Ok(()) } else { self.products(lins, x, ys) };
-        let n8 = (self.batch * self.inter / 8) as i32;
+        let n8 = (self.batch * cfg.intermediate_size / 8) as i32;
         let elem_blocks = ((n8 as u32).div_ceil(256)).min(1024);
         let inv_freq = a(&b.inv_freq)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            norm(if l == 0 { 0 } else { down }, layer.input_norm)?;
+        for (l, (layer, block)) in self.layers.iter().zip(&model.blocks).enumerate() {
+            norm(if l == 0 { 0 } else { down }, a(&block.input_norm)?)?;
             let ls = &layer.lins;
             products(&[&ls[0], &ls[1], &ls[2]], xn, &[q, k, v])?;
             if !skip("attend") {
                 let (kc, vc) = (a(&layer.kc)?, a(&layer.vc)?);
-                let args = [P(meta), P(q), P(k), P(v), P(kc), P(vc), P(inv_freq), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(self.att_scale)];
-                self.launch("step_attend", (self.nh as u32, nb), 256, (self.max_len * 4) as u32, &args)?;
+                let args = [P(meta), P(q), P(k), P(v), P(kc), P(vc), P(inv_freq), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(cfg.attention_scale as f32)];
+                self.launch("step_attend", (nh as u32, nb), 256, (self.max_len * 4) as u32, &args)?;
             }
             products(&[&ls[3]], att, &[o])?;
-            norm(o, layer.post_norm)?;
+            norm(o, a(&block.post_norm)?)?;
             products(&[&ls[4], &ls[5]], xn, &[gate, up])?;
             if !skip("silu") {
                 self.launch("step_silu_mul", (elem_blocks, 1), 256, 0, &[P(gate), P(up), P(act), I(n8)])?;
             }
             products(&[&ls[6]], act, &[down])?;
         }
-        norm(if self.layers.is_empty() { 0 } else { down }, self.final_norm)?;
+        norm(if self.layers.is_empty() { 0 } else { down }, a(&model.norm)?)?;
         if !skip("head") {
             self.products(&[&self.lm_head], xn, &[a(&b.logits)?])?;
         }
-        let n_out = (self.batch * self.vocab) as i32;
-        self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &[P(a(&b.logits)?), P(a(&b.out)?), I(n_out), F(self.logits_mul)])?;
+        let n_out = (self.batch * cfg.vocab_size) as i32;
+        let logits_mul = (1.0 / cfg.logits_scaling) as f32;
+        self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &[P(a(&b.logits)?), P(a(&b.out)?), I(n_out), F(logits_mul)])?;
         Ok(())
     }
 }
