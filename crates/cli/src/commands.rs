@@ -349,7 +349,6 @@ pub fn print_summary(s: &run::RunSummary) {
 }
 
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String, batches: Vec<usize>, paths: Vec<String>) -> Result<()> {
     if let Some(p) = paths.iter().find(|p| !["ops", "graph"].contains(&p.as_str())) {
         anyhow::bail!("--paths: unknown path `{p}` (expected ops, graph or both)");
@@ -434,11 +433,8 @@ fn bench_linear_stack(device: String, layers: usize, ratio: f64, batches: Vec<us
     let sc = compactor_core::synth::SynthConfig::granite_8b();
     let (h, i, kv) = (sc.hidden, sc.intermediate, sc.kv_heads * (sc.hidden / sc.heads));
     let groups = [(h, vec![h, kv, kv]), (h, vec![h]), (h, vec![i, i]), (i, vec![h])];
-    // (schedule, kernels): host launches one per product as the model's layers do today, then
-    // grouped launches, CUDA graphs and programmatic dependent launches (custom kernels only)
-    // (graph, grouped, pdl) and kernels: host launches one per product as the model's layers do
-    // today, then grouped launches, CUDA graphs and programmatic dependent launches (custom
-    // kernels only)
+    // ((graph, grouped, pdl), kernels): host launches one per product, then grouped launches,
+    // CUDA graphs and programmatic dependent launches (custom kernels only)
     let plan: [((bool, bool, bool), &[u8]); 6] = [
         ((false, false, false), &[0, 1, 2]),
         ((false, false, true), &[1, 2]),

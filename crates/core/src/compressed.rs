@@ -180,9 +180,12 @@ impl WeightSource for CompressedModel {
             let entry = &self.manifest.layers[i];
             if entry.meta.kind == compactor_decomp::Kind::LowRank && entry.meta.quant.is_none() {
                 let (an, bn) = (format!("{prefix}{FACTOR_INFIX}a"), format!("{prefix}{FACTOR_INFIX}b"));
-                let shape = |n: &str| self.ckpt.tensors().find(|t| t.name == n).map(|t| t.shape.clone());
-                let (want_a, want_b) = (entry.meta.factor_shapes.get("a"), entry.meta.factor_shapes.get("b"));
-                if want_a.is_some() && shape(&an).as_ref() == want_a && want_b.is_some() && shape(&bn).as_ref() == want_b {
+                // stored as the manifest says (else the factorization path names what is wrong)
+                let as_listed = |name: &str, factor: &str| match (self.ckpt.info(name), entry.meta.factor_shapes.get(factor)) {
+                    (Some(info), Some(want)) => &info.shape == want,
+                    _ => false,
+                };
+                if as_listed(&an, "a") && as_listed(&bn, "b") {
                     return Ok(Linear::low_rank(self.tensor(&an, dtype, device)?, self.tensor(&bn, dtype, device)?, bias)?);
                 }
             }

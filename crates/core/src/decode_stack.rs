@@ -8,8 +8,9 @@
 //! - ungrouped: one product per matrix (dense) or per factor (low rank), one launch each;
 //! - grouped: one launch per group and stage — a dense group is one product over the stacked
 //!   rows, a low-rank group is one product over the stacked B's and one launch of up to four
-//!   A products (see [`crate::gpu::launch_products`]);
-//! and either launched from the host step by step or replayed as a captured CUDA graph, which
+//!   A products (see [`crate::gpu::launch_products`]).
+//!
+//! Either way a step is launched from the host step by step or replayed as a captured CUDA graph, which
 //! takes the per-launch host cost (several µs, as much as the low-rank stack's bytes take to
 //! stream) out of every step; with or without programmatic dependent launches, which overlap
 //! each kernel's start with the previous one's tail. The products run one after another in

@@ -251,7 +251,7 @@ pub fn step_agreement(model: &Model, prompt: &[u32], batch: usize, steps: usize)
     let graph = Stepper::start(model, &ids, steps + 1);
     set_enabled(was);
     let ((mut ops, mut lo), (mut graph, _)) = (ops?, graph?);
-    if graph.kind() != "graph" {
+    if !matches!(graph, Stepper::Graph(_)) {
         return Ok(None);
     }
     let (mut worst, mut same, mut total) = (0f64, 0usize, 0usize);
