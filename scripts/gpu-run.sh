@@ -5,7 +5,9 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E   (each call must fit 10 minutes)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
 #     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
-#     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl)
+#     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
+#     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched), ncu_step
+#     (Nsight Compute on one decode step's kernels))
 set -uo pipefail
 PART=${1:-A}
 OUT=${OUT:-/tmp/gpu-out}
@@ -115,7 +117,7 @@ unset COMPACTOR_GPU_TIMING
 }
 decode_full() {
 step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16 (COMPACTOR_PDL=${COMPACTOR_PDL:-1})"
-timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-ops,graph}
+timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-ops,graph,fused}
 }
 svd_only() {
 step "Compactor svd plan at 0.5 (for decode)"
@@ -125,8 +127,8 @@ step "Compactor svd plan at 0.5 (for decode)"
 graph_tiny() {
 [ -d /tmp/gt-svd-cuda ] || timeout 100 $B compress $G --method svd --ratio 0.5 --device cuda --out /tmp/gt-svd-cuda > /dev/null
 step "step graph vs candle ops on granite-tiny (dense, svd 0.5): greedy tokens, then bench decode (agreement + speed)"
-for g in 0 1; do for v in $G /tmp/gt-svd-cuda; do
-  COMPACTOR_STEP_GRAPH=$g timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|graph $g $(basename $v): |"
+for g in "0 0" "1 0" "1 1"; do set -- $g; for v in $G /tmp/gt-svd-cuda; do
+  COMPACTOR_STEP_GRAPH=$1 COMPACTOR_STEP_FUSE=$2 timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|graph $1 fused $2 $(basename $v): |"
 done; done
 timeout 120 $B bench decode $G /tmp/gt-svd-cuda --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 2 --batch 1,16
 }
@@ -140,8 +142,34 @@ done
 # the step graph with the CUDA-core kernel's column split aimed at fewer or more warps per launch
 decode_split() {
 for w in ${SPLITS:-2048 4096 8192 16384}; do
-  echo "COMPACTOR_SPLIT_WARPS=$w"; COMPACTOR_SPLIT_WARPS=$w timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1 --paths graph 2>/dev/null | grep -E "^/tmp"
+  echo "COMPACTOR_SPLIT_WARPS=$w"; COMPACTOR_SPLIT_WARPS=$w timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1 --paths ${PATHS:-graph,fused} 2>/dev/null | grep -E "^/tmp"
 done
+}
+# spectra on more CUDA streams (more concurrent eigensolves)
+spectra_streams() {
+for st in ${STREAMS:-8 16}; do
+  step "spectra on $st streams"
+  COMPACTOR_GPU_TIMING=1 COMPACTOR_GPU_STREAMS=$st /usr/bin/time -f "compactor spectra ($st streams): %e s wall" timeout 300 $B spectra /tmp/g8b --device cuda --json > /dev/null
+done
+}
+# the eigensolver behind the spectra: syevd per matrix against the batched syevBatched
+eigen() {
+step "eigenvalues of Gram matrices: syevd one at a time vs syevBatched"
+timeout 120 $B bench eigen --n 4096 --batch 2,4,8,16
+timeout 60 $B bench eigen --n 1024 --batch 8,32
+}
+# Nsight Compute on one decode step's kernels (each replayed alone: no overlap between them)
+ncu_step() {
+step "ncu: one decode step's kernels at batch 1, isolated durations and DRAM bandwidth"
+NCU=/usr/local/cuda-13.0/bin/ncu
+for m in g8b:203 g8b-svd:363; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS:-fused}; do
+  echo "--- $m, $p"
+  timeout 200 $NCU --graph-profiling node --clock-control none --kernel-name regex:"gemv|step_" --launch-skip $((n * 3)) --launch-count $n \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
+    --csv --page raw -o /tmp/ncu-$m-$p -f $B bench decode /tmp/$m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1 --paths $p > /tmp/ncu-$m-$p.log 2>&1
+  echo "ncu rc $?"; grep -E "==ERROR|==WARNING" /tmp/ncu-$m-$p.log | head -5
+  $NCU --import /tmp/ncu-$m-$p.ncu-rep --csv --page raw > /tmp/ncu-$m-$p.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncu-$m-$p.csv
+done; done
 }
 # whole-model decode with and without programmatic dependent launches
 decode_pdl() {

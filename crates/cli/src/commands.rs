@@ -350,17 +350,24 @@ pub fn print_summary(s: &run::RunSummary) {
 
 #[allow(clippy::too_many_arguments)]
 pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String, batches: Vec<usize>, paths: Vec<String>) -> Result<()> {
-    if let Some(p) = paths.iter().find(|p| !["ops", "graph"].contains(&p.as_str())) {
-        anyhow::bail!("--paths: unknown path `{p}` (expected ops, graph or both)");
+    const PATHS: [&str; 3] = ["ops", "graph", "fused"];
+    if let Some(p) = paths.iter().find(|p| !PATHS.contains(&p.as_str())) {
+        anyhow::bail!("--paths: unknown path `{p}` (expected some of ops, graph, fused)");
     }
     let dev = compactor_core::device(&device)?;
     let dt = parse_dtype(&dtype)?;
-    // on CUDA in bf16 a model can decode two ways: candle ops, and the whole step as a CUDA graph
+    // on CUDA in bf16 a model can decode three ways: candle ops, the whole step as a CUDA graph,
+    // and that graph with norms, residual adds and silu fused into the products
     let graph_ok = cfg!(feature = "cuda") && dev.is_cuda() && dt == candle_core::DType::BF16;
-    let paths: Vec<bool> = [("ops", false), ("graph", true)].into_iter().filter(|(n, g)| paths.iter().any(|p| p == n) && (!g || graph_ok)).map(|(_, g)| g).collect();
+    let paths: Vec<&str> = PATHS.into_iter().filter(|n| paths.iter().any(|p| p == n) && (*n == "ops" || graph_ok)).collect();
     if paths.is_empty() {
-        anyhow::bail!("--paths graph needs a CUDA build, --device cuda and --dtype bf16");
+        anyhow::bail!("--paths graph or fused needs a CUDA build, --device cuda and --dtype bf16");
     }
+    #[cfg(feature = "cuda")]
+    let use_path = |p: &str| {
+        compactor_core::gpu_step::set_enabled(p != "ops");
+        compactor_core::gpu_step::set_fuse_enabled(p == "fused");
+    };
     let load = |p: &Path| -> Result<Model> {
         let t = Instant::now();
         let any = compactor_core::compressed::AnyModel::open(p)?;
@@ -375,20 +382,23 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
         models.push((c.display().to_string(), load(c)?));
     }
     #[cfg(feature = "cuda")]
-    if paths.len() == 2 {
-        for (name, m) in &models {
-            for &batch in &batches {
-                match eval::step_agreement(m, &prompt, batch, 16)? {
-                    Some((rel, same)) => println!("step graph vs candle ops, {name}, batch {batch}, 16 steps: max |Δlogit|/max|logit| {rel:.2e}, same argmax {:.1}%", 100.0 * same),
-                    None => println!("step graph does not apply to {name}"),
+    if paths.contains(&"ops") {
+        for &p in paths.iter().filter(|&&p| p != "ops") {
+            use_path(p);
+            for (name, m) in &models {
+                for &batch in &batches {
+                    match eval::step_agreement(m, &prompt, batch, 16)? {
+                        Some((rel, same)) => println!("{} vs candle ops, {name}, batch {batch}, 16 steps: max |Δlogit|/max|logit| {rel:.2e}, same argmax {:.1}%", path_name(p), 100.0 * same),
+                        None => println!("{} does not apply to {name}", path_name(p)),
+                    }
                 }
             }
         }
     }
     for &batch in &batches {
-        for &graph in &paths {
+        for &p in &paths {
             #[cfg(feature = "cuda")]
-            compactor_core::gpu_step::set_enabled(graph);
+            use_path(p);
             // interleave repeats so that drift in machine load hits every model alike; keep the best
             let mut best = vec![0f64; models.len()];
             for _ in 0..repeats.max(1) {
@@ -397,8 +407,10 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
                     best[i] = best[i].max(s.decode_tokens_per_s);
                 }
             }
-            let path = if graph { "step graph" } else { "candle ops" };
-            println!("decode tokens/s, batch {batch}, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}, {path}");
+            println!("decode tokens/s, batch {batch}, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}, {}", path_name(p));
+            if p == "fused" && batch > 8 {
+                println!("(the fused kinds run batches of up to 8 on CUDA cores: batch {batch} runs the unfused step graph)");
+            }
             println!("{:<50} {:>12} {:>14} {:>10} {:>16} {:>8}", "model", "linear params", "decode tok/s", "vs dense", "weight GB/step", "GB/s");
             for (i, (name, m)) in models.iter().enumerate() {
                 let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();
@@ -412,11 +424,63 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
     Ok(())
 }
 
+/// How `bench decode` names a decode path in its output.
+fn path_name(p: &str) -> &'static str {
+    match p {
+        "ops" => "candle ops",
+        "graph" => "step graph",
+        _ => "fused step graph",
+    }
+}
+
 /// Decode-shaped products over a stack of Granite-8B-shaped linear layers (no attention): the
 /// dense stack against the low-rank stack at `ratio` of the parameters, batch 1 and 16, through
 /// the decode GEMV kernel and through cuBLAS, in one run on one device.
 pub fn bench_linear(device: String, layers: usize, ratio: f64, batches: Vec<usize>, repeats: usize) -> Result<()> {
     bench_linear_stack(device, layers, ratio, batches, repeats)
+}
+
+/// The eigensolver behind the GPU spectra: `syevd` one matrix at a time against the batched
+/// `syevBatched`, on the same Gram matrices (of random Gaussian n × n matrices), same run; the
+/// largest difference of their eigenvalues is printed with the times.
+#[cfg(feature = "cuda")]
+pub fn bench_eigen(n: usize, batches: Vec<usize>) -> Result<()> {
+    use candle_core::{DType, Device, Tensor, D};
+    let dev = compactor_core::device("cuda")?;
+    let k = batches.iter().copied().max().unwrap_or(1).max(1);
+    let w = Tensor::randn(0f32, 1.0, (k, n, n), &dev)?;
+    let g = w.matmul(&w.transpose(1, 2)?)?.contiguous()?; // k Gram matrices
+    let sync = |d: &Device| -> Result<()> { Ok(d.synchronize()?) };
+    // warm-up (solver handle, kernels)
+    compactor_core::gpu::eigh(&g.get(0)?, false)?;
+    sync(&dev)?;
+    let t = Instant::now();
+    let mut single = Vec::with_capacity(k);
+    for i in 0..k {
+        single.push(compactor_core::gpu::eigh(&g.get(i)?, false)?.0);
+    }
+    sync(&dev)?;
+    let per_single = t.elapsed().as_secs_f64() / k as f64;
+    let single = Tensor::stack(&single, 0)?;
+    println!("eigenvalues of {n}×{n} Gram matrices (f32), one syevd each: {:.1} ms per matrix", per_single * 1e3);
+    for &b in &batches {
+        let stack = g.narrow(0, 0, b)?.reshape((b * n, n))?;
+        compactor_core::gpu::eigvals_batched(&stack, b)?; // warm-up
+        sync(&dev)?;
+        let t = Instant::now();
+        let vals = compactor_core::gpu::eigvals_batched(&stack, b)?;
+        sync(&dev)?;
+        let per = t.elapsed().as_secs_f64() / b as f64;
+        let scale = single.narrow(0, 0, b)?.abs()?.max_keepdim(D::Minus1)?;
+        let diff = ((&vals - single.narrow(0, 0, b)?)?.abs()?.broadcast_div(&scale)?).max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        println!("batched ({b} per call): {:.1} ms per matrix, {:.2}x syevd; max |Δλ|/λ_max {diff:.2e}", per * 1e3, per_single / per);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn bench_eigen(_: usize, _: Vec<usize>) -> Result<()> {
+    Err(anyhow::anyhow!("`bench eigen` measures the CUDA eigensolvers: rebuild with `--features cuda` (scripts/build-cuda.sh)"))
 }
 
 #[cfg(not(feature = "cuda"))]

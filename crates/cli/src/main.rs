@@ -180,8 +180,9 @@ enum BenchCmd {
         #[arg(long, value_delimiter = ',', default_value = "1")]
         batch: Vec<usize>,
         /// How decode steps run (CUDA, bf16): `ops` (candle ops), `graph` (the whole step as one
-        /// CUDA graph), or both; the agreement of their logits is checked when both run.
-        #[arg(long, value_delimiter = ',', default_value = "ops,graph")]
+        /// CUDA graph), `fused` (that graph with norms, residual adds and silu·up inside the
+        /// products; batch ≤ 8), any of them; each graph's logits are checked against ops'.
+        #[arg(long, value_delimiter = ',', default_value = "ops,graph,fused")]
         paths: Vec<String>,
     },
     /// Decode-shaped products over a Granite-8B-shaped stack of linear layers: dense against
@@ -197,6 +198,15 @@ enum BenchCmd {
         batch: Vec<usize>,
         #[arg(long, default_value_t = 20)]
         repeats: usize,
+    },
+    /// Eigenvalues of symmetric N×N Gram matrices on the GPU: one `syevd` per matrix against
+    /// one batched call (`syevBatched`) over the same matrices, same run.
+    Eigen {
+        #[arg(long, default_value_t = 4096)]
+        n: usize,
+        /// matrices per batched call
+        #[arg(long, value_delimiter = ',', default_value = "4,8")]
+        batch: Vec<usize>,
     },
 }
 
@@ -385,6 +395,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } => match what {
             BenchCmd::Heatmap { rows, cols, width, height, runs } => render::bench_heatmap(rows, cols, width, height, runs),
             BenchCmd::Linear { device, layers, ratio, batch, repeats } => commands::bench_linear(device, layers, ratio, batch, repeats),
+            BenchCmd::Eigen { n, batch } => commands::bench_eigen(n, batch),
             BenchCmd::Decode { dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch, paths } => {
                 commands::bench_decode(dense, compressed, prompt_tokens, tokens, repeats, device, dtype, batch, paths)
             }

@@ -53,7 +53,7 @@ fn errors_name_the_file_and_exit_nonzero() {
 fn bench_decode_refuses_unknown_or_unavailable_paths() {
     let model = fixture("granite-tiny");
     let m = model.to_str().unwrap();
-    for (paths, want) in [("fast", "unknown path `fast`"), ("graph", "--paths graph needs a CUDA build")] {
+    for (paths, want) in [("fast", "unknown path `fast`"), ("graph", "--paths graph or fused needs a CUDA build"), ("ops,fuse", "unknown path `fuse`"), ("fused", "--paths graph or fused needs a CUDA build")] {
         let out = bin().args(["bench", "decode", m, "--paths", paths, "--tokens", "2", "--prompt-tokens", "4"]).output().unwrap();
         assert!(!out.status.success(), "--paths {paths} succeeded on the CPU");
         let e = String::from_utf8_lossy(&out.stderr);

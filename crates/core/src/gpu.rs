@@ -133,6 +133,74 @@ impl CustomOp1 for Eigh {
     }
 }
 
+/// Eigenvalues of `k` symmetric n×n f32 matrices stacked as (k·n) × n, in one batched cuSOLVER
+/// call (`cusolverDnXsyevBatched`, values only): output k × n, each row ascending.
+struct EigvalsBatched {
+    k: usize,
+}
+
+impl CustomOp1 for EigvalsBatched {
+    fn name(&self) -> &'static str {
+        "compactor-eigvals-batched"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg("eigvals_batched: CUDA tensors only".into()))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let (kn, n) = l.shape().dims2()?;
+        let k = self.k;
+        if k == 0 || kn != k * n || !l.is_contiguous() || (n * n).checked_mul(k).is_none_or(|t| t > i32::MAX as usize) {
+            candle_core::bail!("eigvals_batched: {k} matrices in a {kn}×{n} stack (n·n·k ≤ 2³¹ − 1)");
+        }
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + k * n * n);
+        let mut a = unsafe { stream.alloc::<f32>(k * n * n) }.map_err(ce("alloc"))?;
+        stream.memcpy_dtod(&src, &mut a).map_err(ce("copy"))?;
+        let mut w = unsafe { stream.alloc::<f32>(k * n) }.map_err(ce("alloc"))?;
+        let mut info = stream.alloc_zeros::<i32>(k).map_err(ce("alloc"))?;
+        let h = solver(&stream)?;
+        let jobz = cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_NOVECTOR;
+        let uplo = cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+        let f32t = cs::cudaDataType::CUDA_R_32F;
+        let mut params: cs::cusolverDnParams_t = std::ptr::null_mut();
+        unsafe { cs::cusolverDnCreateParams(&mut params) }.result().map_err(ce("cusolverDnCreateParams"))?;
+        let res = (|| -> CResult<()> {
+            let (ap, _ga) = a.device_ptr_mut(&stream);
+            let (wp, _gw) = w.device_ptr_mut(&stream);
+            let (ip, _gi) = info.device_ptr_mut(&stream);
+            let (mut dev_bytes, mut host_bytes) = (0usize, 0usize);
+            let (ni, ki) = (n as i64, k as i64);
+            unsafe { cs::cusolverDnXsyevBatched_bufferSize(h.cu(), params, jobz, uplo, ni, f32t, ap as *const _, ni, f32t, wp as *const _, f32t, &mut dev_bytes, &mut host_bytes, ki) }
+                .result()
+                .map_err(ce("cusolverDnXsyevBatched_bufferSize"))?;
+            let mut work = unsafe { stream.alloc::<u8>(dev_bytes.max(1)) }.map_err(ce("alloc"))?;
+            let (wk, _gk) = work.device_ptr_mut(&stream);
+            let mut host = vec![0u8; host_bytes.max(1)];
+            unsafe { cs::cusolverDnXsyevBatched(h.cu(), params, jobz, uplo, ni, f32t, ap as *mut _, ni, f32t, wp as *mut _, f32t, wk as *mut _, dev_bytes, host.as_mut_ptr() as *mut _, host_bytes, ip as *mut i32, ki) }
+                .result()
+                .map_err(ce("cusolverDnXsyevBatched"))?;
+            // the host workspace must outlive the call's work on the stream
+            stream.synchronize().map_err(ce("sync"))?;
+            Ok(())
+        })();
+        unsafe { cs::cusolverDnDestroyParams(params) };
+        res?;
+        if let Some(bad) = stream.clone_dtoh(&info).map_err(ce("info"))?.iter().position(|&c| c != 0) {
+            candle_core::bail!("cusolverDnXsyevBatched failed on matrix {bad} of {k} ({n}×{n})");
+        }
+        Ok((CudaStorage::wrap_cuda_slice(w, dev), Shape::from((k, n))))
+    }
+}
+
+/// Eigenvalues (k × n, rows ascending) of the k symmetric n×n f32 matrices stacked in `g`
+/// ((k·n) × n), in one batched eigensolver call.
+pub fn eigvals_batched(g: &Tensor, k: usize) -> CResult<Tensor> {
+    g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&EigvalsBatched { k })
+}
+
 /// Eigenvalues (ascending, length n) and, if asked, eigenvectors (row j = v_j) of a symmetric
 /// f32 matrix on a CUDA device.
 pub fn eigh(g: &Tensor, vectors: bool) -> CResult<(Tensor, Option<Tensor>)> {
@@ -335,6 +403,7 @@ pub fn load_weight(ck: &crate::Checkpoint, name: &str, device: &candle_core::Dev
     };
     let w = w.to_dtype(DType::F32)?;
     // x − x is 0 for every finite x and NaN otherwise
+    #[allow(clippy::eq_op)]
     let probe = total(&(&w - &w)?)?;
     if probe != 0.0 {
         ck.tensor(name, DType::F32, &candle_core::Device::Cpu)?;
@@ -445,6 +514,8 @@ __device__ __forceinline__ unsigned short to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }
+__device__ __forceinline__ float bf(unsigned short u) { return __uint_as_float(((unsigned)u) << 16); }
+__device__ __forceinline__ float rbf(float f) { return bf(to_bf16(f)); }
 // Programmatic dependent launch (sm_90+; no-ops before, and when not launched with it): a kernel
 // lets the next one start once all its blocks run, and waits for the previous one to finish only
 // where it first reads what that one wrote (x). Weights are never written, so their first loads
@@ -462,7 +533,10 @@ __device__ __forceinline__ void pdl_launch_next() {
 // One product y = x Wᵀ of a launch: W rows x cols (bf16, cols % 8 == 0), x batch x cols with row
 // stride ldx, y batch x rows. A launch carries up to 4 products (a grouped launch); its blocks
 // are numbered consecutively over the products, product i starting at block first_block.
-struct Seg { const void* w; const void* x; unsigned short* y; int rows; int cols; int ldx; int split; int first_block; int pad; };
+// The fused kinds (the decode step graph's) also use w2/x2 (a pair's second row: row j of w2
+// times x2), nw (norm weights) and s, eps (see `gemv`).
+struct Seg { const void* w; const void* x; unsigned short* y; int rows; int cols; int ldx; int split; int first_block; int pad;
+             const void* w2; const void* x2; const void* nw; float s; float eps; };
 struct Segs { Seg s[4]; int n; int batch; };
 __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
     int i = 0;
@@ -470,45 +544,101 @@ __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
     blk = id - g.s[i].first_block;
     return g.s[i];
 }
-// acc[r][b] += Σ_k w_r[k] x_b[k] over the 8 columns of chunk v (w_r: that chunk of row r)
-template <int B, int R>
-__device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* x, int ldx8, int v, float (&acc)[R][B]) {
+// acc[r][b] += Σ_k w_r[k] x'_{r,b}[k] over the 8 columns of chunk v (w_r: that chunk of row r),
+// where x' is x (every row), or x ⊙ nw with ss[b] += Σ x² (NORM), or row r's own x (SEPX).
+template <int B, int R, bool NORM, bool SEPX>
+__device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* const (&xr)[R], const uint4* nw, int ldx8, int v, float (&acc)[R][B], float (&ss)[B]) {
     float wf[R][8];
 #pragma unroll
     for (int r = 0; r < R; r++) unpack8(wv[r], wf[r]);
+    float nf[8];
+    if (NORM) unpack8(__ldg(nw + v), nf);
 #pragma unroll
     for (int b = 0; b < B; b++) {
-        float xf[8];
-        unpack8(__ldg(x + (size_t)b * ldx8 + v), xf);
+        if (SEPX) {
 #pragma unroll
-        for (int r = 0; r < R; r++)
+            for (int r = 0; r < R; r++) {
+                float xf[8];
+                unpack8(__ldg(xr[r] + (size_t)b * ldx8 + v), xf);
 #pragma unroll
-            for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+                for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+            }
+        } else {
+            float xf[8];
+            unpack8(__ldg(xr[0] + (size_t)b * ldx8 + v), xf);
+            if (NORM) {
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    ss[b] = fmaf(xf[k], xf[k], ss[b]);
+                    xf[k] *= nf[k];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
+        }
     }
 }
-// CUDA cores: a block of 8 warps; `split` warps (1, 2, 4 or 8) share R consecutive rows, each
+// Writes output `row` of input b: a0 (a1: the pair's second row) the dot products, ss Σ x².
+template <bool NORM, int OUT>
+__device__ __forceinline__ void store(const Seg& s, int row, int b, float a0, float a1, float ss) {
+    if (NORM) {
+        const float r = rsqrtf(ss / s.cols + s.eps);
+        a0 *= r;
+        a1 *= r;
+    }
+    unsigned short* y = s.y + (size_t)b * s.rows + row;
+    if (OUT == 0) {
+        *y = to_bf16(a0);
+    } else if (OUT == 1) {
+        float d = rbf(a0);
+        if (s.s != 1.f) d = rbf(d * s.s);
+        *y = to_bf16(bf(*y) + d);
+    } else {
+        const float g = rbf(a0), u = rbf(a1);
+        *y = to_bf16(rbf(g / (1.f + expf(-g))) * u);
+    }
+}
+// CUDA cores: a block of 8 warps; `split` warps (1, 2, 4 or 8) share a group of R rows, each
 // taking every split-th 32-lane column chunk, and add up through shared memory; so matrices with
-// few, long rows still keep every SM busy.
-template <int B, int R>
+// few, long rows still keep every SM busy. Plain (NORM = false, OUT = 0): y = x Wᵀ. The fused
+// kinds of the decode step graph (batch ≤ 8), each rounding where candle's ops round:
+// - NORM: the input is rmsnorm(x) ⊙ nw; x² is summed over the row as it streams by (a warp group
+//   sees every column) and the dot products are scaled by rsqrt(mean(x²) + eps) at the end;
+// - OUT 1: y is the residual stream, y += s · rbf(x Wᵀ);
+// - OUT 2 (R = 2): output j pairs row j of w (times x) with row j of w2 (times x2, or x with
+//   NORM): y_j = silu(g) · u — the gate and up products of a block, or their A factors.
+template <int B, int R, bool NORM, int OUT>
 __device__ void gemv(const Seg& s, int blk) {
+    static_assert(OUT != 2 || R == 2, "a pair is two rows");
+    constexpr int RG = OUT == 2 ? 1 : R;      // outputs per warp group
+    constexpr bool SEPX = OUT == 2 && !NORM;  // the pair's rows read x and x2
     __shared__ float red[8][R][B];
+    __shared__ float red_ss[8][B];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int split = s.split, groups = 8 / split;
     const int grp = warp / split, part = warp - grp * split;
     const int rows = s.rows, cols8 = s.cols >> 3, ldx8 = s.ldx >> 3;
-    const int row0 = (blk * groups + grp) * R;
-    const uint4* w = (const uint4*)s.w;
-    const uint4* x = (const uint4*)s.x;
-    float acc[R][B];
+    const int row0 = (blk * groups + grp) * RG;
+    const uint4* nw = (const uint4*)s.nw;
+    float acc[R][B], ss[B];
 #pragma unroll
-    for (int r = 0; r < R; r++)
+    for (int b = 0; b < B; b++) {
+        ss[b] = 0.f;
 #pragma unroll
-        for (int b = 0; b < B; b++) acc[r][b] = 0.f;
+        for (int r = 0; r < R; r++) acc[r][b] = 0.f;
+    }
     pdl_launch_next();
     const bool live = row0 < rows;
     const uint4* wr[R];
+    const uint4* xr[R];
 #pragma unroll
-    for (int r = 0; r < R; r++) wr[r] = w + (size_t)min(row0 + r, rows - 1) * cols8;
+    for (int r = 0; r < R; r++) {
+        if (OUT == 2) wr[r] = (const uint4*)(r == 0 ? s.w : s.w2) + (size_t)min(row0, rows - 1) * cols8;
+        else wr[r] = (const uint4*)s.w + (size_t)min(row0 + r, rows - 1) * cols8;
+        xr[r] = (const uint4*)(SEPX && r == 1 ? s.x2 : s.x);
+    }
     // the first P column chunks of this warp's rows, loaded before waiting for x
     constexpr int P = 4;
     const int v0 = part * 32 + lane, stride = 32 * split;
@@ -521,48 +651,62 @@ __device__ void gemv(const Seg& s, int blk) {
     if (live) {
 #pragma unroll
         for (int p = 0; p < P; p++)
-            if (v0 + p * stride < cols8) fma_chunk<B, R>(pre[p], x, ldx8, v0 + p * stride, acc);
+            if (v0 + p * stride < cols8) fma_chunk<B, R, NORM, SEPX>(pre[p], xr, nw, ldx8, v0 + p * stride, acc, ss);
 #pragma unroll 4
         for (int v = v0 + P * stride; v < cols8; v += stride) {
             uint4 wv[R];
 #pragma unroll
             for (int r = 0; r < R; r++) wv[r] = __ldcs(wr[r] + v);
-            fma_chunk<B, R>(wv, x, ldx8, v, acc);
+            fma_chunk<B, R, NORM, SEPX>(wv, xr, nw, ldx8, v, acc, ss);
         }
     }
 #pragma unroll
-    for (int r = 0; r < R; r++)
+    for (int b = 0; b < B; b++) {
 #pragma unroll
-        for (int b = 0; b < B; b++) {
+        for (int r = 0; r < R; r++) {
             float t = acc[r][b];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
             acc[r][b] = t;
         }
-    if (split == 1) {
-        if (lane == 0 && row0 < rows) {
+        if (NORM) {
+            float t = ss[b];
 #pragma unroll
-            for (int r = 0; r < R; r++)
+            for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+            ss[b] = t;
+        }
+    }
+    if (split == 1) {
+        if (lane == 0 && live) {
+#pragma unroll
+            for (int r = 0; r < RG; r++)
                 if (row0 + r < rows)
 #pragma unroll
-                    for (int b = 0; b < B; b++) s.y[(size_t)b * rows + row0 + r] = to_bf16(acc[r][b]);
+                    for (int b = 0; b < B; b++) store<NORM, OUT>(s, row0 + r, b, acc[r][b], acc[R - 1][b], ss[b]);
         }
         return;
     }
     if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
 #pragma unroll
-            for (int b = 0; b < B; b++) red[warp][r][b] = acc[r][b];
+            for (int r = 0; r < R; r++) red[warp][r][b] = acc[r][b];
+            red_ss[warp][b] = ss[b];
+        }
     }
     __syncthreads();
-    for (int t = threadIdx.x; t < groups * R * B; t += blockDim.x) {
-        const int gg = t / (R * B), rb = t - gg * (R * B), r = rb / B, b = rb - r * B;
-        const int row = (blk * groups + gg) * R + r;
+    for (int t = threadIdx.x; t < groups * RG * B; t += blockDim.x) {
+        const int gg = t / (RG * B), rb = t - gg * (RG * B), r = rb / B, b = rb - r * B;
+        const int row = (blk * groups + gg) * RG + r;
         if (row < rows) {
-            float sum = 0.f;
-            for (int p = 0; p < split; p++) sum += red[gg * split + p][r][b];
-            s.y[(size_t)b * rows + row] = to_bf16(sum);
+            float a0 = 0.f, a1 = 0.f, sq = 0.f;
+            for (int p = 0; p < split; p++) {
+                const int w = gg * split + p;
+                a0 += red[w][r][b];
+                if (OUT == 2) a1 += red[w][R - 1][b];
+                if (NORM) sq += red_ss[w][b];
+            }
+            store<NORM, OUT>(s, row, b, a0, a1, sq);
         }
     }
 }
@@ -633,9 +777,14 @@ __device__ void gemv_tc(const Seg& s, int blk, int batch) {
 }
 extern "C" __global__ void gemv_tc8(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<1>(s, blk, g.batch); }
 extern "C" __global__ void gemv_tc16(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<2>(s, blk, g.batch); }
-#define GEMV(B, R) extern "C" __global__ void gemv_b##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R>(s, blk); }
+#define GEMVK(NAME, B, R, NORM, OUT) \
+    extern "C" __global__ void NAME##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT>(s, blk); }
+#define GEMV(B, R) GEMVK(gemv_b, B, R, false, 0)
 GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
 GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
+// the fused kinds (batch ≤ 8): n norm in, r residual out, np norm in and pairs out, p pairs out
+#define FUSED(B, R) GEMVK(gemvn_b, B, R, true, 0) GEMVK(gemvr_b, B, R, false, 1) GEMVK(gemvnp_b, B, 2, true, 2) GEMVK(gemvp_b, B, 2, false, 2)
+FUSED(1, 1) FUSED(2, 1) FUSED(3, 2) FUSED(4, 2) FUSED(5, 2) FUSED(6, 2) FUSED(7, 2) FUSED(8, 2)
 "#;
 
 /// Rows of one warp group for batch `b` (must match GEMV_SRC).
@@ -766,6 +915,11 @@ struct Seg {
     split: i32,
     first_block: i32,
     pad: i32,
+    w2: u64,
+    x2: u64,
+    nw: u64,
+    s: f32,
+    eps: f32,
 }
 
 #[repr(C)]
@@ -787,17 +941,18 @@ fn addr<T>(dev: &candle_core::cuda::CudaDevice, v: &cudarc::driver::CudaView<T>)
     p
 }
 
-/// The kernel-side form of product `p` starting at block `first`, and its block count.
-fn seg_for(mode: u8, b: usize, p: &Product, first: usize) -> (Seg, usize) {
+/// The kernel-side form of product `p` starting at block `first`, and its block count; `rg`:
+/// outputs per warp group of the CUDA-core kernel (1 for pairs, else [`rows_per_warp`]).
+fn seg_for(mode: u8, rg: usize, p: &Product, first: usize) -> (Seg, usize) {
     // tensor cores: 16 rows per block; CUDA cores: 8 warps in groups of `split`, each group 1–2 rows
     let (split, nb) = if mode == 2 {
         (0, p.rows.div_ceil(16))
     } else {
-        let groups = p.rows.div_ceil(rows_per_warp(b));
+        let groups = p.rows.div_ceil(rg);
         let split = split_for(groups, p.cols / 8);
         (split, groups.div_ceil(8 / split))
     };
-    (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, pad: 0 }, nb)
+    (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, ..Default::default() }, nb)
 }
 
 fn check_batch(b: usize) -> CResult<()> {
@@ -820,13 +975,73 @@ pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, 
         let mut segs = Segs { n: chunk.len() as i32, batch: b as i32, ..Default::default() };
         let mut blocks = 0usize;
         for (seg, p) in segs.s.iter_mut().zip(chunk) {
-            let (sg, nb) = seg_for(mode, b, p, blocks);
+            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks);
             *seg = sg;
             blocks += nb;
         }
         launch_segs(dev, mode, b, &segs, blocks, pdl)?;
     }
     Ok(())
+}
+
+/// How a fused launch of the decode step writes its outputs (see `gemv` in GEMV_SRC).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Out {
+    /// y = the product
+    Store,
+    /// y is the residual stream: y += s · the product
+    Residual(f32),
+    /// output j = silu(row j of the product) · row j of its pair's product
+    Glu,
+}
+
+/// Batch sizes the fused kinds are compiled for.
+pub(crate) const FUSED_MAX_BATCH: usize = 8;
+
+/// One launch of the decode step graph's fused kinds (CUDA cores, `b` ≤ [`FUSED_MAX_BATCH`]):
+/// with `norm` = (norm weights, eps) the input of every product is rmsnorm(x) ⊙ weights (x: the
+/// product's input, one row per sequence, of `cols` values); `out` says how outputs are written.
+/// With [`Out::Glu`], `pairs[i]` = (W₂, x₂) of product i: output j of product i is
+/// silu(x Wᵀ)_j · (x₂ W₂ᵀ)_j (x₂ is ignored with `norm`: both rows read the normalized x).
+pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u64, f32)>, out: Out) -> CResult<()> {
+    if !(1..=FUSED_MAX_BATCH).contains(&b) || prods.len() > 4 || (out == Out::Glu && pairs.len() != prods.len()) {
+        candle_core::bail!("fused gemv: {} products of batch {b} ({out:?}, {} pairs)", prods.len(), pairs.len());
+    }
+    let name = match (norm.is_some(), out) {
+        (true, Out::Store) => "gemvn_b",
+        (false, Out::Residual(_)) => "gemvr_b",
+        (true, Out::Glu) => "gemvnp_b",
+        (false, Out::Glu) => "gemvp_b",
+        (false, Out::Store) => "gemv_b",
+        (true, Out::Residual(_)) => candle_core::bail!("fused gemv: no kind normalizes its input and adds to the residual"),
+    };
+    let (segs, blocks) = fused_segs(b, prods, pairs, norm, out);
+    let func = kernel(dev, &format!("{name}{b}"))?;
+    let mut params = [&segs as *const Segs as *mut std::ffi::c_void];
+    // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.
+    unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, true) }
+}
+
+/// The kernel-side form of a fused launch and its block count.
+fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u64, f32)>, out: Out) -> (Segs, usize) {
+    let rg = if out == Out::Glu { 1 } else { rows_per_warp(b) };
+    let mut segs = Segs { n: prods.len() as i32, batch: b as i32, ..Default::default() };
+    let mut blocks = 0usize;
+    for (i, (seg, p)) in segs.s.iter_mut().zip(prods).enumerate() {
+        let (mut sg, nb) = seg_for(1, rg, p, blocks);
+        if let Some(&(w2, x2)) = pairs.get(i) {
+            (sg.w2, sg.x2) = (w2, x2);
+        }
+        if let Some((nw, eps)) = norm {
+            (sg.nw, sg.eps) = (nw, eps);
+        }
+        if let Out::Residual(m) = out {
+            sg.s = m;
+        }
+        *seg = sg;
+        blocks += nb;
+    }
+    (segs, blocks)
 }
 
 fn launch_segs(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, segs: &Segs, blocks: usize, pdl: bool) -> CResult<()> {

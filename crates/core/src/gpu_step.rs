@@ -22,7 +22,7 @@
 //! into the static one. Numerics follow the candle path (bf16 storage, f32 arithmetic, the same
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
-use crate::gpu::{ce, gemv_mode, kernel, launch_products, launch_raw, tensor_addr, Product};
+use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
 use crate::linear::Linear;
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
@@ -31,8 +31,6 @@ use std::ffi::c_void;
 
 /// Kernels of the decode step (compiled with the GEMV kernels, whose helpers they use).
 pub(crate) const STEP_SRC: &str = r#"
-__device__ __forceinline__ float bf(unsigned short u) { return __uint_as_float(((unsigned)u) << 16); }
-__device__ __forceinline__ float rbf(float f) { return bf(to_bf16(f)); }
 // sum (max) over the block; every thread gets the result; `red` holds 32 floats
 __device__ float block_sum(float v, float* red) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -335,6 +333,8 @@ pub struct Decoder {
     layers: Vec<Layer>,
     bufs: Bufs,
     mode: u8,
+    /// the fused kinds run the step (norms, residual adds and silu·up inside the products)
+    fused: bool,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -378,24 +378,66 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
     })
 }
 
-/// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
-pub fn enabled() -> bool {
-    use std::sync::atomic::Ordering;
-    match STEP_GRAPH.load(Ordering::Relaxed) {
-        u8::MAX => {
-            let on = std::env::var("COMPACTOR_STEP_GRAPH").map(|v| v != "0").unwrap_or(true);
-            STEP_GRAPH.store(on as u8, Ordering::Relaxed);
-            on
-        }
-        v => v == 1,
+/// Whether gate and up can run as pairs of one fused launch (same kind and shape).
+fn pairable(g: &Lin, u: &Lin) -> bool {
+    match (g, u) {
+        (Lin::Dense { rows, cols, .. }, Lin::Dense { rows: r2, cols: c2, .. }) => rows == r2 && cols == c2,
+        (Lin::LowRank { rows, rank, cols, .. }, Lin::LowRank { rows: r2, rank: k2, cols: c2, .. }) => rows == r2 && rank == k2 && cols == c2,
+        _ => false,
     }
 }
 
-static STEP_GRAPH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+/// An on/off setting read from an environment variable (on unless it is `0`) at first use and
+/// settable from code afterwards (a benchmark compares both in one run).
+struct Switch {
+    state: std::sync::atomic::AtomicU8,
+    env: &'static str,
+}
 
-/// Turns the step graph on or off for later decoders (a benchmark compares both in one run).
+impl Switch {
+    const fn new(env: &'static str) -> Switch {
+        Switch { state: std::sync::atomic::AtomicU8::new(u8::MAX), env }
+    }
+
+    fn get(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        match self.state.load(Ordering::Relaxed) {
+            u8::MAX => {
+                let on = std::env::var(self.env).map(|v| v != "0").unwrap_or(true);
+                self.state.store(on as u8, Ordering::Relaxed);
+                on
+            }
+            v => v == 1,
+        }
+    }
+
+    fn set(&self, on: bool) {
+        self.state.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+static STEP_GRAPH: Switch = Switch::new("COMPACTOR_STEP_GRAPH");
+static STEP_FUSE: Switch = Switch::new("COMPACTOR_STEP_FUSE");
+
+/// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
+pub fn enabled() -> bool {
+    STEP_GRAPH.get()
+}
+
+/// Turns the step graph on or off for later decoders.
 pub fn set_enabled(on: bool) {
-    STEP_GRAPH.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+    STEP_GRAPH.set(on)
+}
+
+/// Whether later decoders may use the fused product kinds (`COMPACTOR_STEP_FUSE=0` turns them
+/// off).
+pub fn fuse_enabled() -> bool {
+    STEP_FUSE.get()
+}
+
+/// Turns the fused kinds on or off for later decoders.
+pub fn set_fuse_enabled(on: bool) {
+    STEP_FUSE.set(on)
 }
 
 impl Decoder {
@@ -470,6 +512,7 @@ impl Decoder {
         if mode == 0 {
             crate::gpu::cublas_workspace(dev)?;
         }
+        let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
         Ok(Some(Decoder {
             dev: dev.clone(),
             batch,
@@ -479,10 +522,16 @@ impl Decoder {
             layers,
             bufs,
             mode,
+            fused,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
         }))
+    }
+
+    /// Whether the step runs the fused product kinds (see [`Decoder::issue_fused`]).
+    pub fn fused(&self) -> bool {
+        self.fused
     }
 
     /// Positions filled so far.
@@ -569,8 +618,90 @@ impl Decoder {
         Ok(())
     }
 
+    /// The products of `lins` (one group, reading `x`) in the fused kinds: the first launch (the
+    /// dense products and the B factors) normalizes its input with `norm`; the final outputs
+    /// (dense or the A factors') are written as `out` says. [`Out::Residual`] takes one layer;
+    /// [`Out::Glu`] takes [gate, up] (see [`pairable`]) and one output.
+    fn fused_products(&self, lins: &[&Lin], x: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out) -> crate::Result<()> {
+        let (dev, nb) = (&self.dev, self.batch);
+        let p = |w: u64, x: u64, y: u64, rows: usize, cols: usize| Product { w, x, y, rows, cols, ldx: cols };
+        if out == Out::Glu {
+            match (lins[0], lins[1]) {
+                (Lin::Dense { w, rows, cols }, Lin::Dense { w: w2, .. }) => launch_fused(dev, nb, &[p(*w, x, ys[0], *rows, *cols)], &[(*w2, x)], norm, Out::Glu)?,
+                (Lin::LowRank { a, b, rows, rank, cols, t }, Lin::LowRank { a: a2, b: b2, t: t2, .. }) => {
+                    let (t, t2) = (tensor_addr(t)?, tensor_addr(t2)?);
+                    let first = [p(*b, x, t, *rank, *cols), p(*b2, x, t2, *rank, *cols)];
+                    let second = [p(*a, t, ys[0], *rows, *rank)];
+                    launch_fused(dev, nb, &first, &[], norm, Out::Store)?;
+                    launch_fused(dev, nb, &second, &[(*a2, t2)], None, Out::Glu)?;
+                }
+                _ => return Err(crate::Error::Invalid("fused step: gate and up differ in kind".into())),
+            }
+            return Ok(());
+        }
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        for (l, &y) in lins.iter().zip(ys) {
+            match l {
+                Lin::Dense { w, rows, cols } => first.push(p(*w, x, y, *rows, *cols)),
+                Lin::LowRank { a, b, rows, rank, cols, t } => {
+                    let t = tensor_addr(t)?;
+                    first.push(p(*b, x, t, *rank, *cols));
+                    second.push(p(*a, t, y, *rows, *rank));
+                }
+            }
+        }
+        launch_fused(dev, nb, &first, &[], norm, if second.is_empty() { out } else { Out::Store })?;
+        if !second.is_empty() {
+            launch_fused(dev, nb, &second, &[], None, out)?;
+        }
+        Ok(())
+    }
+
+    /// One step in the fused kinds: per block q/k/v (normalizing the residual stream on the
+    /// fly) ─► attention ─► o (added into the residual) ─► gate/up as pairs (silu·up out)
+    /// ─► down (added into the residual); then lm_head (final norm on the fly). No norm or silu
+    /// kernels: 5 launches per dense block and 9 per low-rank one, against 8 and 12 unfused.
+    fn issue_fused(&self) -> crate::Result<()> {
+        use Arg::{F, I, P};
+        let b = &self.bufs;
+        let a = |t: &Tensor| tensor_addr(t);
+        let (meta, x, q, k, v, att, act) = (a(&b.meta)?, a(&b.x)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.act)?);
+        let (model, cfg) = (&self.model, &self.model.cfg);
+        let nb = self.batch as u32;
+        let (h, nh, nkv, hd) = (cfg.hidden_size as i32, cfg.num_attention_heads as i32, cfg.num_key_value_heads as i32, cfg.head_dim as i32);
+        let bf16_factor = |m: f64| half::bf16::from_f64(m).to_f32();
+        let (res, eps) = (Out::Residual(bf16_factor(cfg.residual_multiplier)), cfg.rms_norm_eps as f32);
+        self.launch("step_embed", (nb, 1), 256, 0, &[P(meta), P(a(&model.embed)?), P(x), I(h), F(bf16_factor(cfg.embedding_multiplier))])?;
+        let skip = |what: &str| self.skip.iter().any(|s| s == what);
+        let products = |lins: &[&Lin], xin: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out| if skip("products") { Ok(()) } else { self.fused_products(lins, xin, ys, norm, out) };
+        let inv_freq = a(&b.inv_freq)?;
+        for (layer, block) in self.layers.iter().zip(&model.blocks) {
+            let ls = &layer.lins;
+            products(&[&ls[0], &ls[1], &ls[2]], x, &[q, k, v], Some((a(&block.input_norm)?, eps)), Out::Store)?;
+            if !skip("attend") {
+                let (kc, vc) = (a(&layer.kc)?, a(&layer.vc)?);
+                let args = [P(meta), P(q), P(k), P(v), P(kc), P(vc), P(inv_freq), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(cfg.attention_scale as f32)];
+                self.launch("step_attend", (nh as u32, nb), 256, (self.max_len * 4) as u32, &args)?;
+            }
+            products(&[&ls[3]], att, &[x], None, res)?;
+            products(&[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu)?;
+            products(&[&ls[6]], act, &[x], None, res)?;
+        }
+        if !skip("head") {
+            self.fused_products(&[&self.lm_head], x, &[a(&b.logits)?], Some((a(&model.norm)?, eps)), Out::Store)?;
+        }
+        let n_out = (self.batch * cfg.vocab_size) as i32;
+        let logits_mul = (1.0 / cfg.logits_scaling) as f32;
+        self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &[P(a(&b.logits)?), P(a(&b.out)?), I(n_out), F(logits_mul)])?;
+        Ok(())
+    }
+
     /// Issues one step on the stream (captured into the graph once, see [`Decoder::step`]).
     fn issue(&self) -> crate::Result<()> {
+        if self.fused {
+            return self.issue_fused();
+        }
         use Arg::{F, I, P};
         let b = &self.bufs;
         let a = |t: &Tensor| tensor_addr(t);
