@@ -408,8 +408,9 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
                 }
             }
             println!("decode tokens/s, batch {batch}, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}, {}", path_name(p));
-            if p == "fused" && batch > 8 {
-                println!("(the fused kinds run batches of up to 8 on CUDA cores: batch {batch} runs the unfused step graph)");
+            #[cfg(feature = "cuda")]
+            if p == "fused" && batch > compactor_core::gpu::FUSED_MAX_BATCH {
+                println!("(the fused kinds run batches of up to {} on CUDA cores: batch {batch} runs the unfused step graph)", compactor_core::gpu::FUSED_MAX_BATCH);
             }
             println!("{:<50} {:>12} {:>14} {:>10} {:>16} {:>8}", "model", "linear params", "decode tok/s", "vs dense", "weight GB/step", "GB/s");
             for (i, (name, m)) in models.iter().enumerate() {
@@ -445,34 +446,34 @@ pub fn bench_linear(device: String, layers: usize, ratio: f64, batches: Vec<usiz
 /// largest difference of their eigenvalues is printed with the times.
 #[cfg(feature = "cuda")]
 pub fn bench_eigen(n: usize, batches: Vec<usize>) -> Result<()> {
-    use candle_core::{DType, Device, Tensor, D};
+    use candle_core::{DType, Tensor, D};
     let dev = compactor_core::device("cuda")?;
     let k = batches.iter().copied().max().unwrap_or(1).max(1);
     let w = Tensor::randn(0f32, 1.0, (k, n, n), &dev)?;
     let g = w.matmul(&w.transpose(1, 2)?)?.contiguous()?; // k Gram matrices
-    let sync = |d: &Device| -> Result<()> { Ok(d.synchronize()?) };
     // warm-up (solver handle, kernels)
     compactor_core::gpu::eigh(&g.get(0)?, false)?;
-    sync(&dev)?;
+    dev.synchronize()?;
     let t = Instant::now();
     let mut single = Vec::with_capacity(k);
     for i in 0..k {
         single.push(compactor_core::gpu::eigh(&g.get(i)?, false)?.0);
     }
-    sync(&dev)?;
+    dev.synchronize()?;
     let per_single = t.elapsed().as_secs_f64() / k as f64;
     let single = Tensor::stack(&single, 0)?;
     println!("eigenvalues of {n}×{n} Gram matrices (f32), one syevd each: {:.1} ms per matrix", per_single * 1e3);
     for &b in &batches {
         let stack = g.narrow(0, 0, b)?.reshape((b * n, n))?;
         compactor_core::gpu::eigvals_batched(&stack, b)?; // warm-up
-        sync(&dev)?;
+        dev.synchronize()?;
         let t = Instant::now();
         let vals = compactor_core::gpu::eigvals_batched(&stack, b)?;
-        sync(&dev)?;
+        dev.synchronize()?;
         let per = t.elapsed().as_secs_f64() / b as f64;
-        let scale = single.narrow(0, 0, b)?.abs()?.max_keepdim(D::Minus1)?;
-        let diff = ((&vals - single.narrow(0, 0, b)?)?.abs()?.broadcast_div(&scale)?).max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let base = single.narrow(0, 0, b)?;
+        let scale = base.abs()?.max_keepdim(D::Minus1)?;
+        let diff = ((&vals - &base)?.abs()?.broadcast_div(&scale)?).max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         println!("batched ({b} per call): {:.1} ms per matrix, {:.2}x syevd; max |Δλ|/λ_max {diff:.2e}", per * 1e3, per_single / per);
     }
     Ok(())

@@ -996,7 +996,7 @@ pub(crate) enum Out {
 }
 
 /// Batch sizes the fused kinds are compiled for.
-pub(crate) const FUSED_MAX_BATCH: usize = 8;
+pub const FUSED_MAX_BATCH: usize = 8;
 
 /// One launch of the decode step graph's fused kinds (CUDA cores, `b` ≤ [`FUSED_MAX_BATCH`]):
 /// with `norm` = (norm weights, eps) the input of every product is rmsnorm(x) ⊙ weights (x: the

@@ -529,7 +529,7 @@ impl Decoder {
         }))
     }
 
-    /// Whether the step runs the fused product kinds (see [`Decoder::issue_fused`]).
+    /// Whether the step runs the fused product kinds (see [`Decoder::blocks_fused`]).
     pub fn fused(&self) -> bool {
         self.fused
     }
@@ -658,97 +658,134 @@ impl Decoder {
         Ok(())
     }
 
-    /// One step in the fused kinds: per block q/k/v (normalizing the residual stream on the
-    /// fly) ─► attention ─► o (added into the residual) ─► gate/up as pairs (silu·up out)
-    /// ─► down (added into the residual); then lm_head (final norm on the fly). No norm or silu
-    /// kernels: 5 launches per dense block and 9 per low-rank one, against 8 and 12 unfused.
-    fn issue_fused(&self) -> crate::Result<()> {
+    /// Whether `COMPACTOR_STEP_SKIP` leaves this kind of kernel out (timing only).
+    fn skips(&self, what: &str) -> bool {
+        self.skip.iter().any(|s| s == what)
+    }
+
+    /// x (batch × hidden) = the embeddings of this step's ids.
+    fn embed(&self) -> crate::Result<()> {
         use Arg::{F, I, P};
-        let b = &self.bufs;
-        let a = |t: &Tensor| tensor_addr(t);
-        let (meta, x, q, k, v, att, act) = (a(&b.meta)?, a(&b.x)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.act)?);
         let (model, cfg) = (&self.model, &self.model.cfg);
-        let nb = self.batch as u32;
-        let (h, nh, nkv, hd) = (cfg.hidden_size as i32, cfg.num_attention_heads as i32, cfg.num_key_value_heads as i32, cfg.head_dim as i32);
-        let bf16_factor = |m: f64| half::bf16::from_f64(m).to_f32();
-        let (res, eps) = (Out::Residual(bf16_factor(cfg.residual_multiplier)), cfg.rms_norm_eps as f32);
-        self.launch("step_embed", (nb, 1), 256, 0, &[P(meta), P(a(&model.embed)?), P(x), I(h), F(bf16_factor(cfg.embedding_multiplier))])?;
-        let skip = |what: &str| self.skip.iter().any(|s| s == what);
-        let products = |lins: &[&Lin], xin: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out| if skip("products") { Ok(()) } else { self.fused_products(lins, xin, ys, norm, out) };
-        let inv_freq = a(&b.inv_freq)?;
-        for (layer, block) in self.layers.iter().zip(&model.blocks) {
-            let ls = &layer.lins;
-            products(&[&ls[0], &ls[1], &ls[2]], x, &[q, k, v], Some((a(&block.input_norm)?, eps)), Out::Store)?;
-            if !skip("attend") {
-                let (kc, vc) = (a(&layer.kc)?, a(&layer.vc)?);
-                let args = [P(meta), P(q), P(k), P(v), P(kc), P(vc), P(inv_freq), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(cfg.attention_scale as f32)];
-                self.launch("step_attend", (nh as u32, nb), 256, (self.max_len * 4) as u32, &args)?;
-            }
-            products(&[&ls[3]], att, &[x], None, res)?;
-            products(&[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu)?;
-            products(&[&ls[6]], act, &[x], None, res)?;
+        let args = [P(tensor_addr(&self.bufs.meta)?), P(tensor_addr(&model.embed)?), P(tensor_addr(&self.bufs.x)?), I(cfg.hidden_size as i32), F(bf16_factor(cfg.embedding_multiplier))];
+        self.launch("step_embed", (self.batch as u32, 1), 256, 0, &args)
+    }
+
+    /// Attention of `layer` (RoPE, cache write) from q, k, v into att.
+    fn attend(&self, layer: &Layer) -> crate::Result<()> {
+        use Arg::{F, I, P};
+        if self.skips("attend") {
+            return Ok(());
         }
-        if !skip("head") {
-            self.fused_products(&[&self.lm_head], x, &[a(&b.logits)?], Some((a(&model.norm)?, eps)), Out::Store)?;
-        }
+        let (b, cfg) = (&self.bufs, &self.model.cfg);
+        let a = |t: &Tensor| tensor_addr(t);
+        let nh = cfg.num_attention_heads;
+        let args = [
+            P(a(&b.meta)?),
+            P(a(&b.q)?),
+            P(a(&b.k)?),
+            P(a(&b.v)?),
+            P(a(&layer.kc)?),
+            P(a(&layer.vc)?),
+            P(a(&b.inv_freq)?),
+            P(a(&b.att)?),
+            I(nh as i32),
+            I(cfg.num_key_value_heads as i32),
+            I(cfg.head_dim as i32),
+            I(self.max_len as i32),
+            F(cfg.attention_scale as f32),
+        ];
+        self.launch("step_attend", (nh as u32, self.batch as u32), 256, (self.max_len * 4) as u32, &args)
+    }
+
+    /// out (f32) = logits ÷ logits_scaling.
+    fn logits(&self) -> crate::Result<()> {
+        use Arg::{F, I, P};
+        let cfg = &self.model.cfg;
         let n_out = (self.batch * cfg.vocab_size) as i32;
-        let logits_mul = (1.0 / cfg.logits_scaling) as f32;
-        self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &[P(a(&b.logits)?), P(a(&b.out)?), I(n_out), F(logits_mul)])?;
-        Ok(())
+        let args = [P(tensor_addr(&self.bufs.logits)?), P(tensor_addr(&self.bufs.out)?), I(n_out), F((1.0 / cfg.logits_scaling) as f32)];
+        self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &args)
     }
 
     /// Issues one step on the stream (captured into the graph once, see [`Decoder::step`]).
     fn issue(&self) -> crate::Result<()> {
+        self.embed()?;
         if self.fused {
-            return self.issue_fused();
+            self.blocks_fused()?;
+        } else {
+            self.blocks()?;
         }
+        self.logits()
+    }
+
+    /// The blocks and the lm_head in the fused kinds: per block q/k/v (normalizing the residual
+    /// stream on the fly) ─► attention ─► o (added into the residual) ─► gate/up as pairs
+    /// (silu·up out) ─► down (added into the residual); then lm_head (final norm on the fly).
+    /// No norm or silu kernels: 5 launches per dense block and 9 per low-rank one, against 8 and
+    /// 12 unfused.
+    fn blocks_fused(&self) -> crate::Result<()> {
+        let b = &self.bufs;
+        let a = |t: &Tensor| tensor_addr(t);
+        let (x, q, k, v, att, act) = (a(&b.x)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.act)?);
+        let (model, cfg) = (&self.model, &self.model.cfg);
+        let (res, eps) = (Out::Residual(bf16_factor(cfg.residual_multiplier)), cfg.rms_norm_eps as f32);
+        let products = |lins: &[&Lin], xin: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out| if self.skips("products") { Ok(()) } else { self.fused_products(lins, xin, ys, norm, out) };
+        for (layer, block) in self.layers.iter().zip(&model.blocks) {
+            let ls = &layer.lins;
+            products(&[&ls[0], &ls[1], &ls[2]], x, &[q, k, v], Some((a(&block.input_norm)?, eps)), Out::Store)?;
+            self.attend(layer)?;
+            products(&[&ls[3]], att, &[x], None, res)?;
+            products(&[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu)?;
+            products(&[&ls[6]], act, &[x], None, res)?;
+        }
+        if !self.skips("head") {
+            self.fused_products(&[&self.lm_head], x, &[a(&b.logits)?], Some((a(&model.norm)?, eps)), Out::Store)?;
+        }
+        Ok(())
+    }
+
+    /// The blocks and the lm_head unfused: add+norm, products, attention and silu·up kernels.
+    fn blocks(&self) -> crate::Result<()> {
         use Arg::{F, I, P};
         let b = &self.bufs;
         let a = |t: &Tensor| tensor_addr(t);
-        let (meta, x, xn, q, k, v, att, o, gate, up, act, down) =
-            (a(&b.meta)?, a(&b.x)?, a(&b.xn)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.o)?, a(&b.gate)?, a(&b.up)?, a(&b.act)?, a(&b.down)?);
+        let (x, xn, q, k, v, att, o, gate, up, act, down) = (a(&b.x)?, a(&b.xn)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.o)?, a(&b.gate)?, a(&b.up)?, a(&b.act)?, a(&b.down)?);
         let (model, cfg) = (&self.model, &self.model.cfg);
         let nb = self.batch as u32;
-        let (h, nh, nkv, hd) = (cfg.hidden_size as i32, cfg.num_attention_heads as i32, cfg.num_key_value_heads as i32, cfg.head_dim as i32);
-        // candle scales bf16 tensors by a bf16 factor, and divides f32 ones by multiplying
-        let bf16_factor = |m: f64| half::bf16::from_f64(m).to_f32();
+        let h = cfg.hidden_size as i32;
         let (res_mult, eps) = (bf16_factor(cfg.residual_multiplier), cfg.rms_norm_eps as f32);
-        self.launch("step_embed", (nb, 1), 256, 0, &[P(meta), P(a(&model.embed)?), P(x), I(h), F(bf16_factor(cfg.embedding_multiplier))])?;
-        let skip = |what: &str| self.skip.iter().any(|s| s == what);
         let norm = |d: u64, w: u64| {
-            if skip("norm") {
+            if self.skips("norm") {
                 return Ok(());
             }
             self.launch("step_add_norm", (nb, 1), NORM_THREADS as u32, 0, &[P(x), P(d), F(res_mult), P(w), P(xn), I(h), F(eps)])
         };
-        let products = |lins: &[&Lin], x: u64, ys: &[u64]| if skip("products") { Ok(()) } else { self.products(lins, x, ys) };
+        let products = |lins: &[&Lin], x: u64, ys: &[u64]| if self.skips("products") { Ok(()) } else { self.products(lins, x, ys) };
         let n8 = (self.batch * cfg.intermediate_size / 8) as i32;
         let elem_blocks = ((n8 as u32).div_ceil(256)).min(1024);
-        let inv_freq = a(&b.inv_freq)?;
         for (l, (layer, block)) in self.layers.iter().zip(&model.blocks).enumerate() {
             norm(if l == 0 { 0 } else { down }, a(&block.input_norm)?)?;
             let ls = &layer.lins;
             products(&[&ls[0], &ls[1], &ls[2]], xn, &[q, k, v])?;
-            if !skip("attend") {
-                let (kc, vc) = (a(&layer.kc)?, a(&layer.vc)?);
-                let args = [P(meta), P(q), P(k), P(v), P(kc), P(vc), P(inv_freq), P(att), I(nh), I(nkv), I(hd), I(self.max_len as i32), F(cfg.attention_scale as f32)];
-                self.launch("step_attend", (nh as u32, nb), 256, (self.max_len * 4) as u32, &args)?;
-            }
+            self.attend(layer)?;
             products(&[&ls[3]], att, &[o])?;
             norm(o, a(&block.post_norm)?)?;
             products(&[&ls[4], &ls[5]], xn, &[gate, up])?;
-            if !skip("silu") {
+            if !self.skips("silu") {
                 self.launch("step_silu_mul", (elem_blocks, 1), 256, 0, &[P(gate), P(up), P(act), I(n8)])?;
             }
             products(&[&ls[6]], act, &[down])?;
         }
         norm(if self.layers.is_empty() { 0 } else { down }, a(&model.norm)?)?;
-        if !skip("head") {
+        if !self.skips("head") {
             self.products(&[&self.lm_head], xn, &[a(&b.logits)?])?;
         }
-        let n_out = (self.batch * cfg.vocab_size) as i32;
-        let logits_mul = (1.0 / cfg.logits_scaling) as f32;
-        self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &[P(a(&b.logits)?), P(a(&b.out)?), I(n_out), F(logits_mul)])?;
         Ok(())
     }
 }
+
+/// candle scales bf16 tensors by a bf16 factor (and divides f32 ones by multiplying).
+fn bf16_factor(m: f64) -> f32 {
+    half::bf16::from_f64(m).to_f32()
+}
+
