@@ -6,7 +6,8 @@
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
 #     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
-#     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched), ncu_step
+#     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
+#     spectra2 (spectra: two-stage band 8 / 16 against syevd), ncu_step
 #     (Nsight Compute on one decode step's kernels))
 set -uo pipefail
 PART=${1:-A}
@@ -152,9 +153,28 @@ for st in ${STREAMS:-8 16}; do
   COMPACTOR_GPU_TIMING=1 COMPACTOR_GPU_STREAMS=$st /usr/bin/time -f "compactor spectra ($st streams): %e s wall" timeout 300 $B spectra /tmp/g8b --device cuda --json > /dev/null
 done
 }
+# spectra with the two-stage eigensolver (band 8 and 16) against syevd, same matrices, same run
+spectra2() {
+for cfg in COMPACTOR_BAND=8 COMPACTOR_BAND=16 COMPACTOR_EIGH=syevd; do
+  step "spectra of all linear matrices, $cfg"
+  env $cfg COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compactor spectra ($cfg): %e s wall, %M KiB peak RSS" timeout 300 $B spectra /tmp/g8b --device cuda --json > /tmp/g8b-sp-${cfg#*=}.json
+done
+python3 - <<'PY'
+import json
+ref = {e["name"]: e["spectrum"]["singular_values"] for e in json.load(open("/tmp/g8b-sp-syevd.json"))}
+for tag in ("8", "16"):
+    worst, top = 0.0, 0.0
+    for e in json.load(open(f"/tmp/g8b-sp-{tag}.json")):
+        s, r = e["spectrum"]["singular_values"], ref[e["name"]]
+        d = max(abs(a - b) for a, b in zip(s, r)) / r[0]
+        h = len(r) // 2
+        worst, top = max(worst, d), max(top, max(abs(a - b) for a, b in zip(s[:h], r[:h])) / r[0])
+    print(f"two-stage band {tag} vs syevd over {len(ref)} matrices: max |dsigma|/sigma_max {worst:.2e} (top half {top:.2e})")
+PY
+}
 # the eigensolver behind the spectra: syevd per matrix against the batched syevBatched
 eigen() {
-step "eigenvalues of Gram matrices: syevd one at a time vs syevBatched"
+step "eigenvalues of Gram matrices: syevd one at a time vs syevBatched vs two-stage"
 timeout 120 $B bench eigen --n 4096 --batch 2,4,8,16
 timeout 60 $B bench eigen --n 1024 --batch 8,32
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs) with
+"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs + BAND_SRC in gpu_band.rs) with
 NVRTC for compute_90, as the CUDA binary does at run time on the GPU machine, so that a kernel
 that does not compile is caught here, before a GPU call. Usage: nvrtc-check.py LIBNVRTC"""
 import ctypes, os, sys
@@ -14,7 +14,8 @@ def raw(path, const):
     return s[a:s.index('"#;', a)]
 
 
-src = (raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC")).encode()
+src = (raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC")
+       + raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC")).encode()
 lib = ctypes.CDLL(sys.argv[1])
 prog = ctypes.c_void_p()
 assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"decode.cu", 0, None, None) == 0

@@ -40,14 +40,15 @@ pub fn spectra(model: PathBuf, layers: Option<String>, json: bool, out: Option<P
     if dev.is_cuda() {
         #[cfg(feature = "cuda")]
         {
-            // Gram + cuSOLVER eigenvalues on several streams, results in layer order
+            // Gram + eigenvalues (two-stage: GPU band reduction, CPU bulge chase) on several
+            // streams, results in layer order
             let fit = |i: usize, d: &candle_core::Device| -> compactor_core::Result<dc::Spectrum> {
                 let w = compactor_core::gpu::load_weight(&ck, &format!("{}.weight", specs[i].name), d)?;
                 let (m, n) = w.dims2()?;
                 Ok(dc::spectrum::spectrum_from_values(m, n, compactor_core::gpu::singular_values(&w)?))
             };
             let todo: Vec<usize> = (0..specs.len()).collect();
-            compactor_core::gpu::for_each_ordered(&dev, &todo, &fit, &mut sink, &bar)?;
+            compactor_core::gpu::for_each_ordered(&dev, compactor_core::gpu::spectra_streams(), &todo, &fit, &mut sink, &bar)?;
         }
     } else {
         for (i, s) in specs.iter().enumerate() {
@@ -475,6 +476,43 @@ pub fn bench_eigen(n: usize, batches: Vec<usize>) -> Result<()> {
         let scale = base.abs()?.max_keepdim(D::Minus1)?;
         let diff = ((&vals - &base)?.abs()?.broadcast_div(&scale)?).max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         println!("batched ({b} per call): {:.1} ms per matrix, {:.2}x syevd; max |Δλ|/λ_max {diff:.2e}", per * 1e3, per_single / per);
+    }
+    // two stages: dense → band on the GPU, band → tridiagonal → eigenvalues on the CPU
+    let reference: Vec<Vec<f32>> = single.to_dtype(DType::F32)?.to_vec2()?;
+    for band in [8usize, 16, 32] {
+        compactor_core::gpu_band::band_reduce(&g.get(0)?, band)?; // warm-up
+        dev.synchronize()?;
+        let t = Instant::now();
+        let mut bands = Vec::with_capacity(k);
+        for i in 0..k {
+            bands.push(compactor_core::gpu_band::band_reduce(&g.get(i)?, band)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let gpu_s = t.elapsed().as_secs_f64() / k as f64;
+        let candle_core::Device::Cuda(cdev) = &dev else { unreachable!("a CUDA device") };
+        let (mut chase_s, mut bisect_s, mut ql_s) = (0f64, 0f64, 0f64);
+        let (mut diff, mut diff_ql) = (0f64, 0f64);
+        for (b, r) in bands.iter().zip(&reference) {
+            let t = Instant::now();
+            let (d, e) = dc::band::band_to_tridiagonal_f32(n, band, b)?;
+            chase_s += t.elapsed().as_secs_f64() / k as f64;
+            let t = Instant::now();
+            let vals = compactor_core::gpu_band::tridiagonal_eigenvalues(cdev, &d, &e)?;
+            bisect_s += t.elapsed().as_secs_f64() / k as f64;
+            let t = Instant::now();
+            let ql = dc::band::tridiagonal_eigenvalues(d, &e)?;
+            ql_s += t.elapsed().as_secs_f64() / k as f64;
+            let scale = r.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+            diff = vals.iter().zip(r).fold(diff, |m, (v, &x)| m.max((v - x as f64).abs() / scale));
+            diff_ql = vals.iter().zip(&ql).fold(diff_ql, |m, (v, q)| m.max((v - q).abs() / scale));
+        }
+        println!(
+            "two-stage, band {band}: GPU dense → band {:.1} ms, CPU bulge chase {:.1} ms (one thread), GPU bisection {:.1} ms (CPU QL instead {:.1} ms; max |Δλ|/λ_max between them {diff_ql:.1e}) per matrix; GPU stages {:.2}x syevd; max |Δλ|/λ_max against syevd {diff:.2e}",
+            gpu_s * 1e3,
+            chase_s * 1e3,
+            bisect_s * 1e3,
+            ql_s * 1e3,
+            per_single / (gpu_s + bisect_s)
+        );
     }
     Ok(())
 }

@@ -216,12 +216,34 @@ fn gram(w: &Tensor) -> CResult<(Tensor, bool)> {
     Ok(if m <= n { (w.matmul(&w.t()?)?, true) } else { (w.t()?.matmul(w)?, false) })
 }
 
+/// Whether the spectra use the two-stage eigensolver ([`crate::gpu_band`]) for Grams of order
+/// ≥ 256 (default) or cuSOLVER's `syevd` throughout (`COMPACTOR_EIGH=syevd`).
+pub fn two_stage() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("COMPACTOR_EIGH").map(|v| v != "syevd").unwrap_or(true))
+}
+
+/// Worker streams for [`for_each_ordered`] over [`singular_values`]: with the two-stage solver
+/// each worker also runs a CPU second stage (~0.5 s for a 4096² Gram), so one per host core.
+pub fn spectra_streams() -> usize {
+    if two_stage() {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).clamp(4, 16)
+    } else {
+        4
+    }
+}
+
 /// All min(m, n) singular values of an f32 matrix on the GPU, descending.
 pub fn singular_values(w: &Tensor) -> CResult<Vec<f64>> {
     let (g, _) = gram(w)?;
     lap(w.device(), Some(1));
-    let (vals, _) = eigh(&g, false)?;
-    let mut s: Vec<f64> = vals.to_vec1::<f32>()?.iter().map(|&v| (v.max(0.0) as f64).sqrt()).collect();
+    let n = g.dim(0)?;
+    let mut s: Vec<f64> = if two_stage() && n >= 256 {
+        crate::gpu_band::eigvals_two_stage(&g, crate::gpu_band::band_width())?.iter().map(|&v| v.max(0.0).sqrt()).collect()
+    } else {
+        let (vals, _) = eigh(&g, false)?;
+        vals.to_vec1::<f32>()?.iter().map(|&v| (v.max(0.0) as f64).sqrt()).collect()
+    };
     lap(w.device(), Some(2));
     s.reverse();
     Ok(s)
@@ -415,9 +437,12 @@ pub fn load_weight(ck: &crate::Checkpoint, name: &str, device: &candle_core::Dev
 
 /// Runs `fit(i, device)` for every i in `todo` on several worker threads, each with its own CUDA
 /// stream on `device`'s GPU (eigensolves of one matrix leave most of the GPU idle), and hands
-/// the results to `sink` in `todo`'s order on this thread. `COMPACTOR_GPU_STREAMS` (default 4).
+/// the results to `sink` in `todo`'s order on this thread. `COMPACTOR_GPU_STREAMS` (default
+/// `streams`: 4 for the fits; one per host core, up to 16, for the two-stage spectra, whose
+/// second stage runs on the worker's CPU thread).
 pub fn for_each_ordered<T: Send>(
     device: &candle_core::Device,
+    streams: usize,
     todo: &[usize],
     fit: &(dyn Fn(usize, &candle_core::Device) -> crate::Result<T> + Sync),
     sink: &mut dyn FnMut(usize, T) -> crate::Result<()>,
@@ -428,7 +453,7 @@ pub fn for_each_ordered<T: Send>(
         candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
         _ => return Err(crate::Error::Invalid("for_each_ordered needs a CUDA device".into())),
     };
-    let streams = std::env::var("COMPACTOR_GPU_STREAMS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(4).clamp(1, 16).min(todo.len().max(1));
+    let streams = std::env::var("COMPACTOR_GPU_STREAMS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(streams).clamp(1, 16).min(todo.len().max(1));
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| -> crate::Result<()> {
@@ -822,7 +847,7 @@ fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
     PTX.get_or_init(|| {
         let arch = if pdl_capable(dev) { "compute_90" } else { "compute_80" };
         let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
-        let src = format!("{GEMV_SRC}{}", crate::gpu_step::STEP_SRC);
+        let src = format!("{GEMV_SRC}{}{}", crate::gpu_step::STEP_SRC, crate::gpu_band::BAND_SRC);
         cudarc::nvrtc::compile_ptx_with_opts(src, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()

@@ -15,6 +15,8 @@ pub mod eval;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "cuda")]
+pub mod gpu_band;
+#[cfg(feature = "cuda")]
 pub mod gpu_step;
 pub mod heal;
 pub mod inventory;

@@ -26,6 +26,7 @@
 //!
 //! What it is not for: loading checkpoints, running models, choosing plans across layers.
 
+pub mod band;
 pub mod cp;
 pub mod curve;
 pub mod error;
