@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs + BAND_SRC in gpu_band.rs) with
+"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs) and the band kernels (BAND_SRC in
+gpu_band.rs, a module of their own) with
 NVRTC for compute_90, as the CUDA binary does at run time on the GPU machine, so that a kernel
 that does not compile is caught here, before a GPU call. Usage: nvrtc-check.py LIBNVRTC"""
 import ctypes, os, sys
@@ -14,17 +15,20 @@ def raw(path, const):
     return s[a:s.index('"#;', a)]
 
 
-src = (raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC")
-       + raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC")).encode()
+def check(src, name, arch):
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(), 0, None, None) == 0
+    opts = (ctypes.c_char_p * 1)(f"--gpu-architecture={arch}".encode())
+    rc = lib.nvrtcCompileProgram(prog, 1, opts)
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if rc != 0:
+        sys.exit(f"NVRTC could not compile {name}:\n{log.value.decode()}")
+    print(f"{name} compiles with NVRTC ({arch})")
+
+
 lib = ctypes.CDLL(sys.argv[1])
-prog = ctypes.c_void_p()
-assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"decode.cu", 0, None, None) == 0
-opts = (ctypes.c_char_p * 1)(b"--gpu-architecture=compute_90")
-rc = lib.nvrtcCompileProgram(prog, 1, opts)
-n = ctypes.c_size_t()
-lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-log = ctypes.create_string_buffer(n.value)
-lib.nvrtcGetProgramLog(prog, log)
-if rc != 0:
-    sys.exit(f"NVRTC could not compile the decode kernels:\n{log.value.decode()}")
-print("decode kernels compile with NVRTC (compute_90)")
+check(raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC"), "decode.cu", "compute_90")
+check(raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC"), "band.cu", "compute_80")

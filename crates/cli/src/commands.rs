@@ -442,9 +442,10 @@ pub fn bench_linear(device: String, layers: usize, ratio: f64, batches: Vec<usiz
     bench_linear_stack(device, layers, ratio, batches, repeats)
 }
 
-/// The eigensolver behind the GPU spectra: `syevd` one matrix at a time against the batched
-/// `syevBatched`, on the same Gram matrices (of random Gaussian n × n matrices), same run; the
-/// largest difference of their eigenvalues is printed with the times.
+/// The eigensolvers behind the GPU spectra: `syevd` one matrix at a time against the batched
+/// `syevBatched` and the two-stage solver (each stage timed), on the same Gram matrices (of
+/// random Gaussian n × n matrices), same run; the largest difference of their eigenvalues
+/// against `syevd` is printed with the times.
 #[cfg(feature = "cuda")]
 pub fn bench_eigen(n: usize, batches: Vec<usize>) -> Result<()> {
     use candle_core::{DType, Tensor, D};

@@ -200,7 +200,8 @@ enum BenchCmd {
         repeats: usize,
     },
     /// Eigenvalues of symmetric N×N Gram matrices on the GPU: one `syevd` per matrix against
-    /// one batched call (`syevBatched`) over the same matrices, same run.
+    /// one batched call (`syevBatched`) and the two-stage solver (GPU band reduction, CPU bulge
+    /// chase, GPU bisection; b = 8, 16, 32) over the same matrices, same run.
     Eigen {
         #[arg(long, default_value_t = 4096)]
         n: usize,

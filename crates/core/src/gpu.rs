@@ -847,7 +847,7 @@ fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
     PTX.get_or_init(|| {
         let arch = if pdl_capable(dev) { "compute_90" } else { "compute_80" };
         let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
-        let src = format!("{GEMV_SRC}{}{}", crate::gpu_step::STEP_SRC, crate::gpu_band::BAND_SRC);
+        let src = format!("{GEMV_SRC}{}", crate::gpu_step::STEP_SRC);
         cudarc::nvrtc::compile_ptx_with_opts(src, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()

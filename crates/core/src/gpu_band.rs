@@ -19,11 +19,14 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use cudarc::cublas::sys as cb;
 use cudarc::driver::DevicePtrMut;
 
-use crate::gpu::{ce, kernel, launch_raw};
+use crate::gpu::{ce, launch_raw};
+use std::sync::OnceLock;
 
 type CResult<T> = candle_core::Result<T>;
 
-/// The panel QR, band gather and bisection kernels (compiled with the decode kernels, one NVRTC module).
+/// The panel QR, band gather and bisection kernels: a module of their own, small, because every
+/// spectra worker (one per host core) loads it on its own stream, and loading means a JIT from
+/// PTX (the decode module took ~2 s per worker: granite-tiny's spectra went from 0.8 to 29 s).
 pub(crate) const BAND_SRC: &str = r#"
 #define PQR_THREADS 1024
 __device__ __forceinline__ float warp_sum(float v) {
@@ -169,13 +172,27 @@ extern "C" __global__ void band_gather(const float* A, int n, int b, float* out)
 }
 "#;
 
+/// A kernel of [`BAND_SRC`] on `dev` (compiled with NVRTC once per process, loaded once per
+/// device handle by candle).
+fn kernel(dev: &candle_core::cuda::CudaDevice, name: &str) -> CResult<cudarc::driver::CudaFunction> {
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+    let ptx = PTX
+        .get_or_init(|| {
+            let opts = cudarc::nvrtc::CompileOptions { arch: Some("compute_80"), ..Default::default() };
+            cudarc::nvrtc::compile_ptx_with_opts(BAND_SRC, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(format!("compiling the band kernels with NVRTC: {e}")))?;
+    Ok(dev.get_or_load_custom_func(name, "compactor_band", ptx)?.into_cuda_function())
+}
+
 /// Largest half-width the panel kernel takes.
 pub const MAX_BAND: usize = 32;
 
 /// Half-width of the band (`COMPACTOR_BAND`, default 16): the GPU's panels get cheaper with a
 /// wider band, the CPU's bulge chase dearer (≈ 6 n² b flops).
 pub fn band_width() -> usize {
-    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static B: OnceLock<usize> = OnceLock::new();
     *B.get_or_init(|| std::env::var("COMPACTOR_BAND").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(2, MAX_BAND))
 }
 
