@@ -196,6 +196,11 @@ pub fn band_width() -> usize {
     *B.get_or_init(|| std::env::var("COMPACTOR_BAND").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(2, MAX_BAND))
 }
 
+/// A kernel argument for [`launch_raw`]: the address of its value.
+fn arg<T>(v: &mut T) -> *mut std::ffi::c_void {
+    v as *mut T as *mut std::ffi::c_void
+}
+
 struct BandReduce {
     b: usize,
 }
@@ -249,14 +254,7 @@ impl CustomOp1 for BandReduce {
                 let mut pp = ap + f * (c0 * n + r0) as u64;
                 let (mut lda, mut mi, mut bi) = (n as i32, m as i32, b as i32);
                 let (mut vp, mut tp) = (v, t);
-                let mut params: [*mut std::ffi::c_void; 6] = [
-                    &mut pp as *mut u64 as *mut _,
-                    &mut lda as *mut i32 as *mut _,
-                    &mut mi as *mut i32 as *mut _,
-                    &mut bi as *mut i32 as *mut _,
-                    &mut vp as *mut u64 as *mut _,
-                    &mut tp as *mut u64 as *mut _,
-                ];
+                let mut params = [arg(&mut pp), arg(&mut lda), arg(&mut mi), arg(&mut bi), arg(&mut vp), arg(&mut tp)];
                 // SAFETY: the arguments match `panel_qr16/32`'s parameters; every buffer is n·b or
                 // b·b floats as the kernel reads and writes them.
                 unsafe {
@@ -274,8 +272,7 @@ impl CustomOp1 for BandReduce {
             }
             let total = n * (b + 1);
             let (mut apc, mut ni, mut bi, mut opc) = (ap, n as i32, b as i32, op);
-            let mut params: [*mut std::ffi::c_void; 4] =
-                [&mut apc as *mut u64 as *mut _, &mut ni as *mut i32 as *mut _, &mut bi as *mut i32 as *mut _, &mut opc as *mut u64 as *mut _];
+            let mut params = [arg(&mut apc), arg(&mut ni), arg(&mut bi), arg(&mut opc)];
             // SAFETY: matches `band_gather`; `out` holds n·(b+1) floats.
             unsafe { launch_raw(&dev, &gather, (total.div_ceil(256) as u32, 1), 256, 0, &mut params, false)? };
         }
@@ -339,16 +336,7 @@ pub fn tridiagonal_eigenvalues(dev: &candle_core::cuda::CudaDevice, d: &[f64], e
         let (ep, _g2) = ee.device_ptr(&stream);
         let (op, _g3) = out.device_ptr_mut(&stream);
         let (mut dp, mut ep, mut op, mut ni, mut pm, mut it) = (dp, ep, op, n as i32, pivmin, iters);
-        let mut params: [*mut std::ffi::c_void; 8] = [
-            &mut dp as *mut u64 as *mut _,
-            &mut ep as *mut u64 as *mut _,
-            &mut ni as *mut i32 as *mut _,
-            &mut lo as *mut f64 as *mut _,
-            &mut hi as *mut f64 as *mut _,
-            &mut pm as *mut f64 as *mut _,
-            &mut it as *mut i32 as *mut _,
-            &mut op as *mut u64 as *mut _,
-        ];
+        let mut params = [arg(&mut dp), arg(&mut ep), arg(&mut ni), arg(&mut lo), arg(&mut hi), arg(&mut pm), arg(&mut it), arg(&mut op)];
         // SAFETY: the arguments match `tridiag_bisect`; d, e2 and out hold n doubles.
         unsafe { launch_raw(dev, &func, (n.div_ceil(128) as u32, 1), 128, 0, &mut params, false)? };
     }
