@@ -2,7 +2,9 @@
 //!
 //! Pure linear algebra for compressing one weight matrix: truncated SVD, tensor train (MPO),
 //! Tucker and CP decompositions of the tensorized matrix, group-wise int8/int4 quantization,
-//! spectra and error curves. Built on `faer`. It knows nothing about models, files or GPUs.
+//! spectra and error curves, and ([`band`]) the CPU stages of a two-stage symmetric eigensolver
+//! (band → tridiagonal → eigenvalues) whose first stage runs on the GPU in `compactor-core`.
+//! Built on `faer`. It knows nothing about models, files or GPUs.
 //!
 //! Conventions: a weight `W` is `m × n` (out_features × in_features, Hugging Face layout);
 //! activations `X` are `batch × n`; a layer computes `Y = X Wᵀ` (`batch × m`). Inputs and outputs
