@@ -25,9 +25,34 @@ struct Band {
     a: Vec<f64>,
 }
 
+/// `a·b + c`, fused where the caller was compiled with FMA (see [`band_to_tridiagonal`]).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Σ xᵢ yᵢ of two length-B arrays (B a multiple of 4), in four partial sums so that the
+/// additions do not wait on each other.
+#[inline(always)]
+fn dot4<const FMA: bool, const B: usize>(x: &[f64], y: &[f64; B]) -> f64 {
+    let x = &x[..B];
+    let mut acc = [0.0f64; 4];
+    for k in 0..B / 4 {
+        for j in 0..4 {
+            acc[j] = madd::<FMA>(x[4 * k + j], y[4 * k + j], acc[j]);
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
 impl Band {
     /// `D ← H D H` for the diagonal block at rows/columns s..s+v.len(), H = I − τ v vᵀ
     /// (lower triangle, column by column: each column's entries are contiguous).
+    #[inline(always)]
     fn two_sided(&mut self, s: usize, v: &[f64], tau: f64, p: &mut [f64]) {
         let l = v.len();
         if tau == 0.0 {
@@ -60,15 +85,90 @@ impl Band {
 
     /// Column c of the off-diagonal block with rows r0..r0+len below the columns c0.. (r0 > c0 + c):
     /// entries (r0 + i, c0 + c), contiguous.
-    #[inline]
+    #[inline(always)]
     fn block_col(&mut self, r0: usize, c0: usize, c: usize, len: usize) -> &mut [f64] {
         let base = (c0 + c) * self.w + (r0 - c0 - c);
         &mut self.a[base..base + len]
     }
 }
 
+/// One chase step with full blocks of a half-width B known at compile time (B = 8, 16 or 32):
+/// the columns st..st+B hold reflector (v, τ) to apply from the right to the block below (rows
+/// st+B..st+2B); a new reflector (returned in `v2`, with its τ) annihilates that block's first
+/// column, goes from the left through the block and from both sides through the next diagonal
+/// block. Same arithmetic as the general loop, in registers, without length checks.
+#[inline(always)]
+fn chase_step<const FMA: bool, const B: usize>(a: &mut [f64], w: usize, st: usize, v: &[f64; B], tau: f64, v2: &mut [f64; B]) -> f64 {
+    // column st + c of the block below starts at row st + B: offset B − c in that column
+    let below = |c: usize| (st + c) * w + (B - c);
+    let mut d = [0.0f64; B];
+    for c in 0..B {
+        let col = &a[below(c)..below(c) + B];
+        for i in 0..B {
+            d[i] = madd::<FMA>(col[i], v[c], d[i]);
+        }
+    }
+    // from the right, column 0 first: it gives the next reflector
+    {
+        let f = -tau * v[0];
+        let col = &mut a[below(0)..below(0) + B];
+        for i in 0..B {
+            col[i] = madd::<FMA>(f, d[i], col[i]);
+        }
+        v2.copy_from_slice(col);
+    }
+    let (tau2, beta2) = house(&mut v2[..]);
+    {
+        let col = &mut a[below(0)..below(0) + B];
+        col.fill(0.0);
+        col[0] = beta2;
+    }
+    // the other columns: from the right, then the new reflector from the left
+    for c in 1..B {
+        let f = -tau * v[c];
+        let col = &mut a[below(c)..below(c) + B];
+        for i in 0..B {
+            col[i] = madd::<FMA>(f, d[i], col[i]);
+        }
+        let g = -tau2 * dot4::<FMA, B>(col, v2);
+        for i in 0..B {
+            col[i] = madd::<FMA>(g, v2[i], col[i]);
+        }
+    }
+    // both sides of the next diagonal block (rows/columns st + B..st + 2B): p = D v2 from a full
+    // copy of the block, so that every product is an axpy
+    let s = st + B;
+    let mut full = [[0.0f64; B]; B];
+    for c in 0..B {
+        let col = &a[(s + c) * w..(s + c) * w + B - c];
+        for r in c..B {
+            full[c][r] = col[r - c];
+            full[r][c] = col[r - c];
+        }
+    }
+    let mut p = [0.0f64; B];
+    for c in 0..B {
+        for r in 0..B {
+            p[r] = madd::<FMA>(full[c][r], v2[c], p[r]);
+        }
+    }
+    let k = 0.5 * tau2 * tau2 * dot4::<FMA, B>(&p, v2);
+    for r in 0..B {
+        p[r] = madd::<FMA>(tau2, p[r], -k * v2[r]);
+    }
+    for c in 0..B {
+        let col = &mut a[(s + c) * w..(s + c) * w + B - c];
+        let (vc, pc) = (v2[c], p[c]);
+        for r in c..B {
+            col[r - c] = madd::<FMA>(-v2[r], pc, madd::<FMA>(-p[r], vc, col[r - c]));
+        }
+    }
+    tau2
+}
+
 /// Householder reflector of x: (v with v₀ = 1, τ, β) such that (I − τ v vᵀ) x = β e₁.
 /// Writes v over `x`.
+#[inline(always)]
 fn house(x: &mut [f64]) -> (f64, f64) {
     let a = x[0];
     let s: f64 = x[1..].iter().map(|t| t * t).sum();
@@ -86,8 +186,20 @@ fn house(x: &mut [f64]) -> (f64, f64) {
 
 /// Reduces a symmetric band matrix (half-width `b`, lower band in `lower[c·(b+1) + d]` = A(c+d, c)
 /// for d ≤ b, entries past the last row ignored) to tridiagonal form by orthogonal similarity;
-/// returns the diagonal (n) and subdiagonal (n − 1).
+/// returns the diagonal (n) and subdiagonal (n − 1). On x86-64 CPUs with AVX2 and FMA the chase
+/// runs in a copy compiled for them (`examples/bench_band.rs` times both).
 pub fn band_to_tridiagonal(n: usize, b: usize, lower: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
+    reduce(n, b, lower, simd_chase())
+}
+
+/// [`band_to_tridiagonal`] in its portable copy (no AVX2/FMA): the baseline of
+/// `examples/bench_band.rs` and of the test that both copies agree.
+#[doc(hidden)]
+pub fn band_to_tridiagonal_portable(n: usize, b: usize, lower: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
+    reduce(n, b, lower, false)
+}
+
+fn reduce(n: usize, b: usize, lower: &[f64], simd: bool) -> Result<(Vec<f64>, Vec<f64>)> {
     if b == 0 || lower.len() != n * (b + 1) {
         return Err(DecompError::Shape(format!("band of half-width {b} for n = {n} needs {} values, got {}", n * (b + 1), lower.len())));
     }
@@ -98,11 +210,54 @@ pub fn band_to_tridiagonal(n: usize, b: usize, lower: &[f64]) -> Result<(Vec<f64
             m.a[c * w + d] = lower[c * (b + 1) + d];
         }
     }
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `simd` is only true where simd_chase() saw AVX2 and FMA on this CPU
+        true => unsafe { chase_avx2_fma(&mut m, b) },
+        _ => chase::<false>(&mut m, b),
+    }
+    let d = (0..n).map(|i| m.a[i * w]).collect();
+    let e = (0..n.saturating_sub(1)).map(|i| m.a[i * w + 1]).collect();
+    Ok((d, e))
+}
+
+/// Whether [`band_to_tridiagonal`] runs its AVX2 + FMA copy (the CPU has both).
+pub fn simd_chase() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn chase_avx2_fma(m: &mut Band, b: usize) {
+    chase::<true>(m, b)
+}
+
+/// The sweeps of [`band_to_tridiagonal`] on the widened band `m`.
+#[inline(always)]
+fn chase<const FMA: bool>(m: &mut Band, b: usize) {
+    match b {
+        8 => sweeps::<FMA, 8>(m, b),
+        16 => sweeps::<FMA, 16>(m, b),
+        32 => sweeps::<FMA, 32>(m, b),
+        _ => sweeps::<FMA, 0>(m, b),
+    }
+}
+
+/// The sweeps; chase steps with full blocks of half-width `B` (≠ 0) go through [`chase_step`].
+#[inline(always)]
+fn sweeps<const FMA: bool, const B: usize>(m: &mut Band, b: usize) {
+    let (n, w) = (m.n, m.w);
     let mut v = vec![0.0; b];
     let mut v2 = vec![0.0; b];
     let mut p = vec![0.0; b];
+    let (mut fv, mut fv2) = ([0.0f64; B], [0.0f64; B]);
     for j in 0..n.saturating_sub(2) {
-        let (mut st, mut ed) = (j + 1, (j + b).min(m.n - 1));
+        let (mut st, mut ed) = (j + 1, (j + b).min(n - 1));
         if ed <= st {
             continue;
         }
@@ -114,6 +269,16 @@ pub fn band_to_tridiagonal(n: usize, b: usize, lower: &[f64]) -> Result<(Vec<f64
         m.a[cj] = beta;
         m.a[cj + 1..cj + l].fill(0.0);
         m.two_sided(st, &v[..l], tau, &mut p);
+        if B != 0 && l == B {
+            // full blocks while the block below ends inside the matrix
+            fv.copy_from_slice(&v[..B]);
+            while ed + B < n {
+                tau = chase_step::<FMA, B>(&mut m.a, w, st, &fv, tau, &mut fv2);
+                std::mem::swap(&mut fv, &mut fv2);
+                (st, ed) = (st + B, ed + B);
+            }
+            v[..B].copy_from_slice(&fv);
+        }
         // chase: block rows st2..=ed2, columns st..=ed
         while ed + 1 < n {
             let (st2, ed2) = (ed + 1, (ed + b).min(n - 1));
@@ -155,9 +320,6 @@ pub fn band_to_tridiagonal(n: usize, b: usize, lower: &[f64]) -> Result<(Vec<f64
             (st, ed, l, tau) = (st2, ed2, l2, tau2);
         }
     }
-    let d = (0..n).map(|i| m.a[i * w]).collect();
-    let e = (0..n.saturating_sub(1)).map(|i| m.a[i * w + 1]).collect();
-    Ok((d, e))
 }
 
 /// Eigenvalues (ascending) of the symmetric tridiagonal matrix with diagonal `d` and
@@ -278,6 +440,26 @@ mod tests {
             let err = got.iter().zip(&want).fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
             assert_eq!(got.len(), n);
             assert!(err <= 1e-12 * scale.max(1.0), "n={n} b={b}: max |Δλ| {err:e} (λ_max {scale})");
+        }
+    }
+
+    /// The copy `band_to_tridiagonal` picks on this CPU (AVX2 + FMA where it has them) and the
+    /// portable copy reach the same eigenvalues: the fixed-width chase steps (b = 8, 16, 32)
+    /// and the generic loop (b = 12) alike.
+    #[test]
+    fn simd_and_portable_chase_agree() {
+        let n = 300;
+        for b in [8, 12, 16, 32] {
+            let lower: Vec<f64> = (0..n).flat_map(|c| (0..=b).map(move |d| if c + d < n { band_entry(c + d, c, b) } else { 0.0 })).collect();
+            let eig = |(d, e): (Vec<f64>, Vec<f64>)| tridiagonal_eigenvalues(d, &e).unwrap();
+            let fast = eig(band_to_tridiagonal(n, b, &lower).unwrap());
+            let portable = eig(band_to_tridiagonal_portable(n, b, &lower).unwrap());
+            let want = dense_eigs(n, |r, c| band_entry(r, c, b));
+            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let apart = fast.iter().zip(&portable).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+            let off = fast.iter().zip(&want).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(apart <= 1e-12 * scale, "b={b}: copies differ by {apart:e} (simd {})", simd_chase());
+            assert!(off <= 1e-12 * scale, "b={b}: max |Δλ| against faer {off:e}");
         }
     }
 
