@@ -1,13 +1,15 @@
 //! CUDA linear algebra for the pipeline and batch-≤16 GEMV kernels for decode (feature `cuda`).
 //!
 //! Factorizations on the GPU follow one pattern: the Gram matrix of the smaller side (a cuBLAS
-//! GEMM through candle, f32), then cuSOLVER's symmetric eigensolver (`syevd`) on it, then GEMMs
-//! to form the factors. The weight never leaves the device between upload and the download of the
-//! factors; one host sync per eigensolve (to read `info`). Weights are read with `pread` into a
+//! GEMM through candle, f32), then a symmetric eigensolver on it, then GEMMs to form the factors.
+//! The weight never leaves the device between upload and the download of the factors; one host
+//! sync per eigensolve (to read `info`). Weights are read with `pread` into a
 //! page-locked buffer per thread and uploaded in their stored dtype; factors come back the same
 //! way ([`download_bytes`]).
-//! - [`singular_values`]: σ_i = sqrt(λ_i(Gram)), values only (`jobz = N`).
-//! - [`truncated_svd`]: top-r eigenvectors of the Gram; A = U_r Σ_r, B = V_rᵀ (the CPU form).
+//! - [`singular_values`]: σ_i = sqrt(λ_i(Gram)), values only: the two-stage solver of
+//!   [`crate::gpu_band`] (`syevd` with `COMPACTOR_EIGH=syevd` and below order 256).
+//! - [`truncated_svd`]: top-r eigenvectors of the Gram (cuSOLVER's `syevdx`, those r only; all of
+//!   them with `syevd` if `COMPACTOR_EIGH_VECTORS=syevd`); A = U_r Σ_r, B = V_rᵀ (the CPU form).
 //! - [`tt_svd`]: TT-SVD (left to right), each bond a truncated left factor of the unfolding.
 //!
 //! Decode: [`launch_products`] computes `y = x Wᵀ` for bf16 W (m × n, n % 8 == 0) and up to 16
@@ -33,6 +35,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 type CResult<T> = candle_core::Result<T>;
+
+/// The CPU side of the custom ops here: they run on CUDA tensors only.
+pub(crate) fn cuda_only<T>(op: &str) -> CResult<T> {
+    Err(candle_core::Error::Msg(format!("{op}: a CUDA operation, called on CPU tensors")))
+}
 
 pub(crate) fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
     move |e| candle_core::Error::Msg(format!("{what}: {e:?}"))
@@ -83,8 +90,11 @@ fn solver(stream: &Arc<cudarc::driver::CudaStream>) -> CResult<Arc<DnHandle>> {
 
 /// Symmetric eigendecomposition of an n×n f32 matrix: output (n+1) × n, rows 0..n the
 /// eigenvectors (row j = v_j, ascending λ; garbage without `vectors`), row n the eigenvalues.
+/// With `top` = r > 0 only the r largest pairs are computed (`syevdx`, vectors only): rows 0..r
+/// and the first r values of row n hold them, ascending; the other rows are garbage.
 struct Eigh {
     vectors: bool,
+    top: usize,
 }
 
 impl CustomOp1 for Eigh {
@@ -93,7 +103,7 @@ impl CustomOp1 for Eigh {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        Err(candle_core::Error::Msg("eigh: the CUDA eigensolver runs on CUDA tensors only".into()))
+        cuda_only("eigh")
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
@@ -111,7 +121,26 @@ impl CustomOp1 for Eigh {
         let uplo = cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
         let ni = n as i32;
         let mut info = stream.alloc_zeros::<i32>(1).map_err(ce("alloc"))?;
-        {
+        let top = if self.vectors && self.top > 0 && self.top < n { self.top as i32 } else { 0 };
+        if top > 0 {
+            let range = cs::cusolverEigRange_t::CUSOLVER_EIG_RANGE_I;
+            let (il, iu) = (ni - top + 1, ni);
+            let (a_ptr, _ga) = out.device_ptr_mut(&stream);
+            let w_ptr = a_ptr + (n * n * 4) as u64;
+            let (mut lwork, mut meig) = (0i32, 0i32);
+            unsafe { cs::cusolverDnSsyevdx_bufferSize(h.cu(), jobz, range, uplo, ni, a_ptr as *const f32, ni, 0.0, 0.0, il, iu, &mut meig, w_ptr as *const f32, &mut lwork) }
+                .result()
+                .map_err(ce("cusolverDnSsyevdx_bufferSize"))?;
+            let mut work = stream.alloc_zeros::<f32>(lwork.max(1) as usize).map_err(ce("alloc"))?;
+            let (wk, _gw) = work.device_ptr_mut(&stream);
+            let (ip, _gi) = info.device_ptr_mut(&stream);
+            unsafe { cs::cusolverDnSsyevdx(h.cu(), jobz, range, uplo, ni, a_ptr as *mut f32, ni, 0.0, 0.0, il, iu, &mut meig, w_ptr as *mut f32, wk as *mut f32, lwork, ip as *mut i32) }
+                .result()
+                .map_err(ce("cusolverDnSsyevdx"))?;
+            if meig != top {
+                candle_core::bail!("cusolverDnSsyevdx returned {meig} eigenpairs of a {n}×{n} Gram matrix, asked for {top}");
+            }
+        } else {
             let (a_ptr, _ga) = out.device_ptr_mut(&stream);
             let w_ptr = a_ptr + (n * n * 4) as u64;
             let mut lwork: i32 = 0;
@@ -125,18 +154,21 @@ impl CustomOp1 for Eigh {
                 .result()
                 .map_err(ce("cusolverDnSsyevd"))?;
         }
+        settle(&stream)?;
         let code = stream.clone_dtoh(&info).map_err(ce("info"))?[0];
         if code != 0 {
-            candle_core::bail!("cusolverDnSsyevd failed (info = {code}) on a {n}×{n} Gram matrix");
+            candle_core::bail!("cuSOLVER's eigensolver failed (info = {code}) on a {n}×{n} Gram matrix");
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n + 1, n))))
     }
 }
 
 /// Eigenvalues of `k` symmetric n×n f32 matrices stacked as (k·n) × n, in one batched cuSOLVER
-/// call (`cusolverDnXsyevBatched`, values only): output k × n, each row ascending.
+/// call (`cusolverDnXsyevBatched`): output k × n, each row ascending; with `vectors`, (k·n + k) ×
+/// n: matrix i's eigenvectors in rows i·n..(i+1)·n (row j = v_j), then the k rows of values.
 struct EigvalsBatched {
     k: usize,
+    vectors: bool,
 }
 
 impl CustomOp1 for EigvalsBatched {
@@ -145,7 +177,7 @@ impl CustomOp1 for EigvalsBatched {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        Err(candle_core::Error::Msg("eigvals_batched: CUDA tensors only".into()))
+        cuda_only("eigvals_batched")
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
@@ -157,12 +189,14 @@ impl CustomOp1 for EigvalsBatched {
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
         let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + k * n * n);
-        let mut a = unsafe { stream.alloc::<f32>(k * n * n) }.map_err(ce("alloc"))?;
-        stream.memcpy_dtod(&src, &mut a).map_err(ce("copy"))?;
-        let mut w = unsafe { stream.alloc::<f32>(k * n) }.map_err(ce("alloc"))?;
+        // with vectors the values follow the vectors in one buffer, the op's output
+        let extra = if self.vectors { k * n } else { 0 };
+        let mut a = unsafe { stream.alloc::<f32>(k * n * n + extra) }.map_err(ce("alloc"))?;
+        stream.memcpy_dtod(&src, &mut a.slice_mut(0..k * n * n)).map_err(ce("copy"))?;
+        let mut w = unsafe { stream.alloc::<f32>(if self.vectors { 1 } else { k * n }) }.map_err(ce("alloc"))?;
         let mut info = stream.alloc_zeros::<i32>(k).map_err(ce("alloc"))?;
         let h = solver(&stream)?;
-        let jobz = cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_NOVECTOR;
+        let jobz = if self.vectors { cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR } else { cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_NOVECTOR };
         let uplo = cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
         let f32t = cs::cudaDataType::CUDA_R_32F;
         let mut params: cs::cusolverDnParams_t = std::ptr::null_mut();
@@ -170,6 +204,7 @@ impl CustomOp1 for EigvalsBatched {
         let res = (|| -> CResult<()> {
             let (ap, _ga) = a.device_ptr_mut(&stream);
             let (wp, _gw) = w.device_ptr_mut(&stream);
+            let wp = if self.vectors { ap + (k * n * n * 4) as u64 } else { wp };
             let (ip, _gi) = info.device_ptr_mut(&stream);
             let (mut dev_bytes, mut host_bytes) = (0usize, 0usize);
             let (ni, ki) = (n as i64, k as i64);
@@ -191,21 +226,33 @@ impl CustomOp1 for EigvalsBatched {
         if let Some(bad) = stream.clone_dtoh(&info).map_err(ce("info"))?.iter().position(|&c| c != 0) {
             candle_core::bail!("cusolverDnXsyevBatched failed on matrix {bad} of {k} ({n}×{n})");
         }
-        Ok((CudaStorage::wrap_cuda_slice(w, dev), Shape::from((k, n))))
+        Ok(if self.vectors {
+            (CudaStorage::wrap_cuda_slice(a, dev), Shape::from((k * n + k, n)))
+        } else {
+            (CudaStorage::wrap_cuda_slice(w, dev), Shape::from((k, n)))
+        })
     }
 }
 
 /// Eigenvalues (k × n, rows ascending) of the k symmetric n×n f32 matrices stacked in `g`
 /// ((k·n) × n), in one batched eigensolver call.
 pub fn eigvals_batched(g: &Tensor, k: usize) -> CResult<Tensor> {
-    g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&EigvalsBatched { k })
+    g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&EigvalsBatched { k, vectors: false })
+}
+
+/// [`eigvals_batched`] with eigenvectors: (values k × n, vectors (k·n) × n, matrix i's in rows
+/// i·n..(i+1)·n, row j = v_j, ascending).
+pub fn eigh_batched(g: &Tensor, k: usize) -> CResult<(Tensor, Tensor)> {
+    let n = g.dim(1)?;
+    let out = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&EigvalsBatched { k, vectors: true })?;
+    Ok((out.narrow(0, k * n, k)?, out.narrow(0, 0, k * n)?))
 }
 
 /// Eigenvalues (ascending, length n) and, if asked, eigenvectors (row j = v_j) of a symmetric
 /// f32 matrix on a CUDA device.
 pub fn eigh(g: &Tensor, vectors: bool) -> CResult<(Tensor, Option<Tensor>)> {
     let n = g.dim(0)?;
-    let out = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Eigh { vectors })?;
+    let out = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Eigh { vectors, top: 0 })?;
     let vals = out.narrow(0, n, 1)?.squeeze(0)?;
     Ok((vals, if vectors { Some(out.narrow(0, 0, n)?) } else { None }))
 }
@@ -242,6 +289,7 @@ pub fn singular_values(w: &Tensor) -> CResult<Vec<f64>> {
         crate::gpu_band::eigvals_two_stage(&g, crate::gpu_band::band_width())?.iter().map(|&v| v.max(0.0).sqrt()).collect()
     } else {
         let (vals, _) = eigh(&g, false)?;
+        settle_tensor(&vals)?;
         vals.to_vec1::<f32>()?.iter().map(|&v| (v.max(0.0) as f64).sqrt()).collect()
     };
     lap(w.device(), Some(2));
@@ -249,11 +297,23 @@ pub fn singular_values(w: &Tensor) -> CResult<Vec<f64>> {
     Ok(s)
 }
 
-/// The top `r` eigenvectors of a Gram matrix as rows, largest first (r × k).
-fn top_rows(vecs: &Tensor, r: usize) -> CResult<Tensor> {
-    let k = vecs.dim(0)?;
-    let idx: Vec<u32> = (0..r).map(|i| (k - 1 - i) as u32).collect();
-    vecs.index_select(&Tensor::from_vec(idx, r, vecs.device())?, 0)
+/// Whether the fits ask cuSOLVER for the top eigenpairs only (`syevdx`, default) or for all of
+/// them (`syevd`, `COMPACTOR_EIGH_VECTORS=syevd`).
+fn partial_eigh() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("COMPACTOR_EIGH_VECTORS").map(|v| v != "syevd").unwrap_or(true))
+}
+
+/// The top `r` eigenvectors of a symmetric matrix as rows, largest first (r × n): only those
+/// (`syevdx`) if `partial`, else all of them (`syevd`).
+pub fn top_eigenvectors(g: &Tensor, r: usize, partial: bool) -> CResult<Tensor> {
+    let n = g.dim(0)?;
+    let top = if partial && r < n { r } else { 0 };
+    let out = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Eigh { vectors: true, top })?;
+    // ascending rows end at row `top` (syevdx) or n (syevd)
+    let last = if top > 0 { top } else { n };
+    let idx: Vec<u32> = (0..r).map(|i| (last - 1 - i) as u32).collect();
+    out.index_select(&Tensor::from_vec(idx, r, g.device())?, 0)
 }
 
 /// The top `r` eigenvectors (rows, largest first) of the Gram matrix of `w`'s smaller side, and
@@ -261,9 +321,9 @@ fn top_rows(vecs: &Tensor, r: usize) -> CResult<Tensor> {
 fn top_gram_vectors(w: &Tensor, r: usize) -> CResult<(Tensor, bool)> {
     let (g, left) = gram(w)?;
     lap(w.device(), Some(1));
-    let (_, vecs) = eigh(&g, true)?;
+    let top = top_eigenvectors(&g, r, partial_eigh())?;
     lap(w.device(), Some(2));
-    Ok((top_rows(&vecs.expect("vectors asked for"), r)?, left))
+    Ok((top, left))
 }
 
 /// Leading left factor of `c` (rows × cols): `(U rows×r with orthonormal columns, Uᵀ c r×cols)`.
@@ -409,7 +469,30 @@ pub fn download_bytes(t: &Tensor) -> crate::Result<Vec<u8>> {
 /// single value with one thread block, which is slow on hundreds of MB.
 fn total(t: &Tensor) -> CResult<f64> {
     let t = if t.rank() == 2 { t.clone() } else { t.flatten_all()?.unsqueeze(0)? };
-    Ok(t.sum(1)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+    let s = t.sum(1)?.sum_all()?.to_dtype(DType::F32)?;
+    settle_tensor(&s)?;
+    Ok(s.to_scalar::<f32>()? as f64)
+}
+
+/// Waits for `stream`'s work before a small copy to pageable host memory. Such a copy is
+/// synchronous and goes through the driver's staging, which the process's threads share: issued
+/// behind long GPU work it holds the other workers up. Waiting here first (the workers yield,
+/// see `SchedGuard`) leaves the copy only the copy to do: spectra of the synthetic Granite-8B on
+/// an H200, 16 workers, 8.8–9.7 s against 11.6 s without the wait (`COMPACTOR_SETTLE=0`; the
+/// workers' summed upload phase 16–22 s against 41 s: BENCH-GPU.md, eighth session).
+pub(crate) fn settle(stream: &cudarc::driver::CudaStream) -> CResult<()> {
+    if std::env::var("COMPACTOR_SETTLE").is_ok_and(|v| v == "0") {
+        return Ok(());
+    }
+    stream.synchronize().map_err(ce("stream synchronize"))
+}
+
+/// [`settle`] on the stream of a CUDA tensor's device (nothing on the CPU).
+pub(crate) fn settle_tensor(t: &Tensor) -> CResult<()> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => settle(&d.cuda_stream()),
+        _ => Ok(()),
+    }
 }
 
 /// A weight of the checkpoint as f32 on `device`: uploaded in its stored dtype, converted there,
@@ -435,11 +518,44 @@ pub fn load_weight(ck: &crate::Checkpoint, name: &str, device: &candle_core::Dev
     Ok(w)
 }
 
+/// Most worker threads [`for_each_ordered`] runs.
+pub const MAX_WORKERS: usize = 32;
+
+/// How the threads of `dev`'s context wait for the GPU while [`for_each_ordered`] runs:
+/// `COMPACTOR_GPU_SCHED` = `spin`, `yield` or `block` (default `yield`): workers that wait on
+/// their stream give their core to the ones running a CPU stage. The context's own policy (CUDA
+/// spins while it has fewer contexts than cores) comes back on drop: decode steps want it.
+struct SchedGuard(Option<Arc<cudarc::driver::CudaContext>>);
+
+impl SchedGuard {
+    fn new(dev: &candle_core::Device) -> crate::Result<Self> {
+        use cudarc::driver::sys::CUctx_flags as F;
+        let candle_core::Device::Cuda(d) = dev else { return Ok(SchedGuard(None)) };
+        let flags = match std::env::var("COMPACTOR_GPU_SCHED").as_deref() {
+            Ok("spin") => return Ok(SchedGuard(None)),
+            Ok("block") => F::CU_CTX_SCHED_BLOCKING_SYNC,
+            Ok("yield") | Err(_) => F::CU_CTX_SCHED_YIELD,
+            Ok(other) => return Err(crate::Error::Invalid(format!("COMPACTOR_GPU_SCHED={other}: expected spin, yield or block"))),
+        };
+        let ctx = d.cuda_stream().context().clone();
+        ctx.set_flags(flags).map_err(ce("cuCtxSetFlags"))?;
+        Ok(SchedGuard(Some(ctx)))
+    }
+}
+
+impl Drop for SchedGuard {
+    fn drop(&mut self) {
+        if let Some(ctx) = &self.0 {
+            let _ = ctx.set_flags(cudarc::driver::sys::CUctx_flags::CU_CTX_SCHED_AUTO);
+        }
+    }
+}
+
 /// Runs `fit(i, device)` for every i in `todo` on several worker threads, each with its own CUDA
 /// stream on `device`'s GPU (eigensolves of one matrix leave most of the GPU idle), and hands
 /// the results to `sink` in `todo`'s order on this thread. `COMPACTOR_GPU_STREAMS` (default
-/// `streams`: 4 for the fits; one per host core, up to 16, for the two-stage spectra, whose
-/// second stage runs on the worker's CPU thread).
+/// `streams`: 4 for the fits; [`spectra_streams`] for the two-stage spectra, whose second stage
+/// runs on the worker's CPU thread), at most [`MAX_WORKERS`].
 pub fn for_each_ordered<T: Send>(
     device: &candle_core::Device,
     streams: usize,
@@ -453,7 +569,8 @@ pub fn for_each_ordered<T: Send>(
         candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
         _ => return Err(crate::Error::Invalid("for_each_ordered needs a CUDA device".into())),
     };
-    let streams = std::env::var("COMPACTOR_GPU_STREAMS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(streams).clamp(1, 16).min(todo.len().max(1));
+    let streams = std::env::var("COMPACTOR_GPU_STREAMS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(streams).clamp(1, MAX_WORKERS).min(todo.len().max(1));
+    let _sched = SchedGuard::new(device)?;
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| -> crate::Result<()> {
@@ -1076,6 +1193,11 @@ fn launch_segs(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, segs: &S
     unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, pdl) }
 }
 
+/// A kernel argument for [`launch_raw`]: the address of its value.
+pub(crate) fn arg<T>(v: &mut T) -> *mut std::ffi::c_void {
+    v as *mut T as *mut std::ffi::c_void
+}
+
 /// Launches `func` on `dev`'s stream with `params` (pointers to each argument's value). With
 /// `pdl` (and a GPU that has it) as a programmatic dependent launch: the kernel may start before
 /// the previous one on the stream has finished, and must `griddepcontrol.wait` before it reads
@@ -1181,7 +1303,7 @@ impl CustomOp2 for Gemv {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        Err(candle_core::Error::Msg("gemv: CUDA only".into()))
+        cuda_only("gemv")
     }
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> CResult<(CudaStorage, Shape)> {
@@ -1210,7 +1332,7 @@ impl candle_core::CustomOp3 for LowRankGemv {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        Err(candle_core::Error::Msg("gemv: CUDA only".into()))
+        cuda_only("gemv")
     }
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, bs: &CudaStorage, bl: &Layout, a_s: &CudaStorage, al: &Layout) -> CResult<(CudaStorage, Shape)> {

@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use cudarc::cublas::sys as cb;
 use cudarc::driver::DevicePtrMut;
 
-use crate::gpu::{ce, launch_raw};
+use crate::gpu::{arg, ce, launch_raw};
 use std::sync::OnceLock;
 
 type CResult<T> = candle_core::Result<T>;
@@ -196,11 +196,6 @@ pub fn band_width() -> usize {
     *B.get_or_init(|| std::env::var("COMPACTOR_BAND").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(2, MAX_BAND))
 }
 
-/// A kernel argument for [`launch_raw`]: the address of its value.
-fn arg<T>(v: &mut T) -> *mut std::ffi::c_void {
-    v as *mut T as *mut std::ffi::c_void
-}
-
 struct BandReduce {
     b: usize,
 }
@@ -219,7 +214,7 @@ impl CustomOp1 for BandReduce {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        Err(candle_core::Error::Msg("band_reduce: the GPU first stage runs on CUDA tensors only".into()))
+        crate::gpu::cuda_only("band_reduce")
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
@@ -292,7 +287,9 @@ pub fn band_reduce(g: &Tensor, b: usize) -> CResult<Tensor> {
 /// chasing), the tridiagonal's eigenvalues on the GPU again ([`tridiagonal_eigenvalues`]).
 pub fn eigvals_two_stage(g: &Tensor, b: usize) -> CResult<Vec<f64>> {
     let n = g.dim(0)?;
-    let band = band_reduce(g, b)?.flatten_all()?.to_vec1::<f32>()?;
+    let band = band_reduce(g, b)?.flatten_all()?;
+    crate::gpu::settle_tensor(&band)?;
+    let band = band.to_vec1::<f32>()?;
     let (d, e) = compactor_decomp::band::band_to_tridiagonal_f32(n, b, &band).map_err(|e| candle_core::Error::Msg(format!("band → tridiagonal of a {n}×{n} Gram matrix: {e}")))?;
     match g.device() {
         candle_core::Device::Cuda(dev) => tridiagonal_eigenvalues(dev, &d, &e),
@@ -340,6 +337,7 @@ pub fn tridiagonal_eigenvalues(dev: &candle_core::cuda::CudaDevice, d: &[f64], e
         // SAFETY: the arguments match `tridiag_bisect`; d, e2 and out hold n doubles.
         unsafe { launch_raw(dev, &func, (n.div_ceil(128) as u32, 1), 128, 0, &mut params, false)? };
     }
+    crate::gpu::settle(&stream)?;
     let mut vals = stream.clone_dtoh(&out).map_err(ce("download"))?;
     vals.sort_by(|a, b| a.total_cmp(b));
     Ok(vals)
