@@ -7,7 +7,8 @@
 #     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
-#     spectra2 (spectra: two-stage band 8 / 16 against syevd), ncu_step
+#     spectra2 (spectra: two-stage band 8 / 16 against syevd), spectra_env / plan_env (spectra
+#     and a plan under each environment of ENVS), warm (one small GPU run first), ncu_step
 #     (Nsight Compute on one decode step's kernels))
 set -uo pipefail
 PART=${1:-A}
@@ -171,6 +172,26 @@ for tag in ("8", "16"):
         worst, top = max(worst, d), max(top, max(abs(a - b) for a, b in zip(s[:h], r[:h])) / r[0])
     print(f"two-stage band {tag} vs syevd over {len(ref)} matrices: max |dsigma|/sigma_max {worst:.2e} (top half {top:.2e})")
 PY
+}
+# spectra, then the svd plan, under each environment of ENVS (space-separated configs, each a
+# comma-separated list of VAR=value; "-" for none), e.g. ENVS="COMPACTOR_GPU_SCHED=spin,COMPACTOR_GPU_STREAMS=16 -"
+spectra_env() {
+for cfg in ${ENVS:--}; do
+  step "spectra with ${cfg}"
+  env ${cfg//[,-]/ } COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compactor spectra ($cfg): %e s wall, %U s user" timeout 300 $B spectra /tmp/g8b --device cuda --json > /dev/null
+done
+}
+plan_env() {
+for cfg in ${PLAN_ENVS:-${ENVS:--}}; do
+  step "${PLAN:-svd} plan at 0.5 with ${cfg}"
+  rm -rf /tmp/g8b-plan-env
+  env ${cfg//[,-]/ } COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compress ${PLAN:-svd} 0.5 ($cfg): %e s wall, %U s user" timeout 300 $B compress /tmp/g8b --method ${PLAN:-svd} --ratio 0.5 --device cuda --out /tmp/g8b-plan-env > /dev/null
+done
+}
+# the first GPU process on a fresh machine is slower (driver JIT cache): one small run first
+warm() {
+step "warm-up: spectra of granite-tiny on the GPU"
+/usr/bin/time -f "warm-up: %e s" $B spectra $G --device cuda --json > /dev/null
 }
 # the eigensolver behind the spectra: syevd per matrix against the batched syevBatched
 eigen() {
