@@ -199,9 +199,10 @@ enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         repeats: usize,
     },
-    /// Eigenvalues of symmetric N×N Gram matrices on the GPU: one `syevd` per matrix against
-    /// one batched call (`syevBatched`) and the two-stage solver (GPU band reduction, CPU bulge
-    /// chase, GPU bisection; b = 8, 16, 32) over the same matrices, same run.
+    /// Eigensolvers of symmetric N×N Gram matrices on the GPU, same matrices, same run: values
+    /// by one `syevd` per matrix against one batched call (`syevBatched`) and the two-stage
+    /// solver (GPU band reduction, CPU bulge chase, GPU bisection; b = 8, 16, 32); eigenvectors
+    /// by `syevd` (all) against `syevdx` (the top N/4, 3N/8) and the batched call.
     Eigen {
         #[arg(long, default_value_t = 4096)]
         n: usize,
