@@ -173,19 +173,21 @@ for tag in ("8", "16"):
     print(f"two-stage band {tag} vs syevd over {len(ref)} matrices: max |dsigma|/sigma_max {worst:.2e} (top half {top:.2e})")
 PY
 }
-# spectra, then the svd plan, under each environment of ENVS (space-separated configs, each a
-# comma-separated list of VAR=value; "-" for none), e.g. ENVS="COMPACTOR_GPU_SCHED=spin,COMPACTOR_GPU_STREAMS=16 -"
+# spectra_env: the spectra under each environment of ENVS (space-separated configs, each a
+# comma-separated list of VAR=value; "-" for none), e.g. ENVS="COMPACTOR_GPU_SCHED=spin,COMPACTOR_GPU_STREAMS=16 -";
+# plan_env: the plan PLAN (default svd) at 0.5 under each of PLAN_ENVS (default ENVS)
+vars() { [ "$1" = - ] || echo "${1//,/ }"; }
 spectra_env() {
 for cfg in ${ENVS:--}; do
   step "spectra with ${cfg}"
-  env ${cfg//[,-]/ } COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compactor spectra ($cfg): %e s wall, %U s user" timeout 300 $B spectra /tmp/g8b --device cuda --json > /dev/null
+  env $(vars "$cfg") COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compactor spectra ($cfg): %e s wall, %U s user" timeout 300 $B spectra /tmp/g8b --device cuda --json > /dev/null
 done
 }
 plan_env() {
 for cfg in ${PLAN_ENVS:-${ENVS:--}}; do
   step "${PLAN:-svd} plan at 0.5 with ${cfg}"
   rm -rf /tmp/g8b-plan-env
-  env ${cfg//[,-]/ } COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compress ${PLAN:-svd} 0.5 ($cfg): %e s wall, %U s user" timeout 300 $B compress /tmp/g8b --method ${PLAN:-svd} --ratio 0.5 --device cuda --out /tmp/g8b-plan-env > /dev/null
+  env $(vars "$cfg") COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compress ${PLAN:-svd} 0.5 ($cfg): %e s wall, %U s user" timeout 300 $B compress /tmp/g8b --method ${PLAN:-svd} --ratio 0.5 --device cuda --out /tmp/g8b-plan-env > /dev/null
 done
 }
 # the first GPU process on a fresh machine is slower (driver JIT cache): one small run first

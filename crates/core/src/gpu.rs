@@ -166,14 +166,14 @@ impl CustomOp1 for Eigh {
 /// Eigenvalues of `k` symmetric n×n f32 matrices stacked as (k·n) × n, in one batched cuSOLVER
 /// call (`cusolverDnXsyevBatched`): output k × n, each row ascending; with `vectors`, (k·n + k) ×
 /// n: matrix i's eigenvectors in rows i·n..(i+1)·n (row j = v_j), then the k rows of values.
-struct EigvalsBatched {
+struct SyevBatched {
     k: usize,
     vectors: bool,
 }
 
-impl CustomOp1 for EigvalsBatched {
+impl CustomOp1 for SyevBatched {
     fn name(&self) -> &'static str {
-        "compactor-eigvals-batched"
+        "compactor-syev-batched"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
@@ -237,14 +237,14 @@ impl CustomOp1 for EigvalsBatched {
 /// Eigenvalues (k × n, rows ascending) of the k symmetric n×n f32 matrices stacked in `g`
 /// ((k·n) × n), in one batched eigensolver call.
 pub fn eigvals_batched(g: &Tensor, k: usize) -> CResult<Tensor> {
-    g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&EigvalsBatched { k, vectors: false })
+    g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&SyevBatched { k, vectors: false })
 }
 
 /// [`eigvals_batched`] with eigenvectors: (values k × n, vectors (k·n) × n, matrix i's in rows
 /// i·n..(i+1)·n, row j = v_j, ascending).
 pub fn eigh_batched(g: &Tensor, k: usize) -> CResult<(Tensor, Tensor)> {
     let n = g.dim(1)?;
-    let out = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&EigvalsBatched { k, vectors: true })?;
+    let out = g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&SyevBatched { k, vectors: true })?;
     Ok((out.narrow(0, k * n, k)?, out.narrow(0, 0, k * n)?))
 }
 
@@ -481,7 +481,8 @@ fn total(t: &Tensor) -> CResult<f64> {
 /// an H200, 16 workers, 8.8–9.7 s against 11.6 s without the wait (`COMPACTOR_SETTLE=0`; the
 /// workers' summed upload phase 16–22 s against 41 s: BENCH-GPU.md, eighth session).
 pub(crate) fn settle(stream: &cudarc::driver::CudaStream) -> CResult<()> {
-    if std::env::var("COMPACTOR_SETTLE").is_ok_and(|v| v == "0") {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("COMPACTOR_SETTLE").is_ok_and(|v| v == "0")) {
         return Ok(());
     }
     stream.synchronize().map_err(ce("stream synchronize"))
