@@ -34,6 +34,7 @@ pub mod curve;
 pub mod error;
 pub mod factor;
 pub mod factorization;
+pub mod filter;
 mod linalg;
 pub mod quant;
 pub mod sites;
