@@ -184,11 +184,25 @@ for cfg in ${ENVS:--}; do
 done
 }
 plan_env() {
+i=0
 for cfg in ${PLAN_ENVS:-${ENVS:--}}; do
   step "${PLAN:-svd} plan at 0.5 with ${cfg}"
   rm -rf /tmp/g8b-plan-env
   env $(vars "$cfg") COMPACTOR_GPU_TIMING=1 /usr/bin/time -f "compress ${PLAN:-svd} 0.5 ($cfg): %e s wall, %U s user" timeout 300 $B compress /tmp/g8b --method ${PLAN:-svd} --ratio 0.5 --device cuda --out /tmp/g8b-plan-env > /dev/null
+  cp /tmp/g8b-plan-env/compactor.json "$OUT/plan-${PLAN:-svd}-$i.json" 2>/dev/null; i=$((i + 1))
 done
+# every config's per-layer relative errors against the first's (same ranks?)
+python3 - "$OUT" "${PLAN:-svd}" <<'PY'
+import json, sys, glob
+runs = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/plan-{sys.argv[2]}-*.json"))]
+if runs:
+    base = {l["name"]: l for l in runs[0]["layers"]}
+    for i, m in enumerate(runs):
+        e = [l["rel_error"] for l in m["layers"]]
+        d = [l["rel_error"] - base[l["name"]]["rel_error"] for l in m["layers"]]
+        same = all(l["ranks"] == base[l["name"]]["ranks"] for l in m["layers"])
+        print(f"{sys.argv[2]} config {i}: {len(e)} matrices, mean rel_error {sum(e)/len(e):.6f}, vs config 0: max {max(d):+.2e} min {min(d):+.2e}, same ranks {same}, compress {m['notes']['compress_seconds']:.1f} s")
+PY
 }
 # the first GPU process on a fresh machine is slower (driver JIT cache): one small run first
 warm() {

@@ -8,8 +8,8 @@
 //! way ([`download_bytes`]).
 //! - [`singular_values`]: σ_i = sqrt(λ_i(Gram)), values only: the two-stage solver of
 //!   [`crate::gpu_band`] (`syevd` with `COMPACTOR_EIGH=syevd` and below order 256).
-//! - [`truncated_svd`]: top-r eigenvectors of the Gram (cuSOLVER's `syevdx`, those r only; all of
-//!   them with `syevd` if `COMPACTOR_EIGH_VECTORS=syevd`); A = U_r Σ_r, B = V_rᵀ (the CPU form).
+//! - [`truncated_svd`]: top-r eigen-subspace of the Gram ([`crate::gpu_filter`] from order 1024,
+//!   cuSOLVER's `syevdx` below; see [`vector_source`]); A = U_r Σ_r, B = V_rᵀ (the CPU form).
 //! - [`tt_svd`]: TT-SVD (left to right), each bond a truncated left factor of the unfolding.
 //!
 //! Decode: [`launch_products`] computes `y = x Wᵀ` for bf16 W (m × n, n % 8 == 0) and up to 16
@@ -76,7 +76,7 @@ pub fn lap(dev: &candle_core::Device, phase: Option<usize>) {
 }
 
 /// One cuSOLVER handle per CUDA stream (creating one costs milliseconds).
-fn solver(stream: &Arc<cudarc::driver::CudaStream>) -> CResult<Arc<DnHandle>> {
+pub(crate) fn solver(stream: &Arc<cudarc::driver::CudaStream>) -> CResult<Arc<DnHandle>> {
     static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<DnHandle>>>> = OnceLock::new();
     let key = stream.cu_stream() as usize;
     let mut map = HANDLES.get_or_init(Default::default).lock().unwrap();
@@ -297,11 +297,26 @@ pub fn singular_values(w: &Tensor) -> CResult<Vec<f64>> {
     Ok(s)
 }
 
-/// Whether the fits ask cuSOLVER for the top eigenpairs only (`syevdx`, default) or for all of
-/// them (`syevd`, `COMPACTOR_EIGH_VECTORS=syevd`).
-fn partial_eigh() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("COMPACTOR_EIGH_VECTORS").map(|v| v != "syevd").unwrap_or(true))
+/// How the fits get the top-r eigenvectors of a Gram matrix (`COMPACTOR_EIGH_VECTORS`):
+/// `filter` (default) — [`crate::gpu_filter`]'s Chebyshev-filtered subspace iteration for Grams
+/// of order ≥ 1024, cuSOLVER's `syevdx` below that and wherever the filter does not apply;
+/// `filter-all` — the filter from order 16 up (to check it on small models); `syevdx` — the top
+/// r pairs from cuSOLVER; `syevd` — all pairs from cuSOLVER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VectorSource {
+    Filter { min_order: usize },
+    Syevdx,
+    Syevd,
+}
+
+pub fn vector_source() -> VectorSource {
+    static MODE: OnceLock<VectorSource> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("COMPACTOR_EIGH_VECTORS").as_deref() {
+        Ok("syevd") => VectorSource::Syevd,
+        Ok("syevdx") => VectorSource::Syevdx,
+        Ok("filter-all") => VectorSource::Filter { min_order: 16 },
+        _ => VectorSource::Filter { min_order: 1024 },
+    })
 }
 
 /// The top `r` eigenvectors of a symmetric matrix as rows, largest first (r × n): only those
@@ -316,12 +331,21 @@ pub fn top_eigenvectors(g: &Tensor, r: usize, partial: bool) -> CResult<Tensor> 
     out.index_select(&Tensor::from_vec(idx, r, g.device())?, 0)
 }
 
-/// The top `r` eigenvectors (rows, largest first) of the Gram matrix of `w`'s smaller side, and
+/// The top `r` eigenvectors (rows, largest first; an orthonormal basis of about their span with
+/// the filter, see [`vector_source`]) of the Gram matrix of `w`'s smaller side, and
 /// whether that side is the left one (W Wᵀ: left singular vectors; else right ones).
 fn top_gram_vectors(w: &Tensor, r: usize) -> CResult<(Tensor, bool)> {
     let (g, left) = gram(w)?;
     lap(w.device(), Some(1));
-    let top = top_eigenvectors(&g, r, partial_eigh())?;
+    let n = g.dim(0)?;
+    let top = match vector_source() {
+        VectorSource::Filter { min_order } if n >= min_order => match crate::gpu_filter::top_subspace(&g, r, 0x5eed ^ ((n as u64) << 24) ^ r as u64)? {
+            Some(t) => t,
+            None => top_eigenvectors(&g, r, true)?,
+        },
+        VectorSource::Syevd => top_eigenvectors(&g, r, false)?,
+        _ => top_eigenvectors(&g, r, true)?,
+    };
     lap(w.device(), Some(2));
     Ok((top, left))
 }

@@ -17,6 +17,8 @@ pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod gpu_band;
 #[cfg(feature = "cuda")]
+pub mod gpu_filter;
+#[cfg(feature = "cuda")]
 pub mod gpu_step;
 pub mod heal;
 pub mod inventory;
