@@ -649,7 +649,7 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
         };
         if opts.device.is_cuda() {
             #[cfg(feature = "cuda")]
-            crate::gpu::for_each_ordered(&opts.device, 4, &todo, &fit, &mut sink, progress)?;
+            crate::gpu::for_each_ordered(&opts.device, crate::gpu::FIT_STREAMS, &todo, &fit, &mut sink, progress)?;
         } else {
             for &i in &todo {
                 check(progress)?;

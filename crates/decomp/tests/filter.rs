@@ -67,7 +67,7 @@ fn filtered_subspace_fits_granite_tiny_within_1e3() {
         let (best, ours, cut) = compare(&g, k, r, 11);
         assert!(ours >= best - 1e-12, "{name}: filtered {ours} beats optimal {best}");
         assert!(ours - best < 1e-3, "{name} ({m}×{n}, r {r}): filtered {ours} vs optimal {best}");
-        assert!(cut > r, "{name}: the cut ({cut} eigenvalues above it) must lie below λ_r (r = {r})");
+        assert!(cut as f64 >= 1.05 * r as f64, "{name}: the cut ({cut} eigenvalues above it) must lie below λ_r (r = {r})");
         worst = worst.max(ours - best);
         checked += 1;
     }
@@ -102,7 +102,7 @@ fn filtered_subspace_on_a_noise_bulk() {
     let (best, ours, cut) = compare(&g, kk, r, 3);
     eprintln!("noise bulk: optimal {best:.6}, filtered {ours:.6} (+{:.2e}), cut at index {cut} (r = {r})", ours - best);
     assert!(ours - best < 3e-4, "filtered {ours} vs optimal {best}");
-    assert!(cut > r && (cut as f64) < 1.6 * r as f64, "cut at index {cut}, r = {r}");
+    assert!((cut as f64) >= 1.05 * r as f64 && (cut as f64) < 2.5 * r as f64, "cut at index {cut}, r = {r}");
 }
 
 #[test]
