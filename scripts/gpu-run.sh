@@ -8,7 +8,7 @@
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), spectra_env / plan_env (spectra
-#     and a plan under each environment of ENVS), warm (one small GPU run first), ncu_step
+#     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), warm (one small GPU run first), ncu_step
 #     (Nsight Compute on one decode step's kernels))
 set -uo pipefail
 PART=${1:-A}
@@ -227,6 +227,15 @@ for m in g8b:203 g8b-svd:363; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS
   echo "ncu rc $?"; grep -E "==ERROR|==WARNING" /tmp/ncu-$m-$p.log | head -5
   $NCU --import /tmp/ncu-$m-$p.ncu-rep --csv --page raw > /tmp/ncu-$m-$p.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncu-$m-$p.csv
 done; done
+}
+# decode of two plans with half the linear parameters: svd everywhere, and attention kept dense
+# with the MLPs at 36.67 % (scripts/plans/granite-8b-mlp-half.json: fewer, larger launches)
+decode_mlp() {
+step "decode: dense vs svd 50 % everywhere vs attention dense + MLP svd 36.67 % (both half the linear parameters)"
+[ -f /tmp/g8b-svd/compactor.json ] || timeout 200 $B compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-svd > /dev/null
+[ -f /tmp/g8b-mlp/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan scripts/plans/granite-8b-mlp-half.json --device cuda --out /tmp/g8b-mlp > /dev/null
+for d in g8b-svd g8b-mlp; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" /tmp/$d/compactor.json; done
+timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-mlp --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-graph,fused}
 }
 # whole-model decode with and without programmatic dependent launches
 decode_pdl() {
