@@ -2,7 +2,7 @@
 matrices of a safetensors checkpoint, timed with torch.linalg.svd, torch.linalg.eigvalsh of the
 Gram matrix and torch.svd_lowrank(q=1024) on the GPU.
 
-usage: python3 bench_torch_spectra.py MODEL_DIR [--methods gram,lowrank,svd] [--limit N]
+usage: python3 bench_torch_spectra.py MODEL_DIR [--methods gram,lowrank,svd] [--limit N] [--json OUT]
 Reads safetensors headers itself (no `safetensors` package needed on the GPU machine).
 """
 import json, os, re, struct, sys, time
@@ -39,14 +39,18 @@ def main():
     model = sys.argv[1]
     methods = "gram,lowrank,svd"
     limit = None
+    out_json = None
     args = sys.argv[2:]
     for i, a in enumerate(args):
         if a == "--methods":
             methods = args[i + 1]
         if a == "--limit":
             limit = int(args[i + 1])
+        if a == "--json":
+            out_json = args[i + 1]
     methods = methods.split(",")
-    mats = list(tensors(model))[:limit]
+    every = list(tensors(model))
+    mats = every[:limit]
     dev = torch.device("cuda")
     print(f"{len(mats)} linear matrices from {model} on {torch.cuda.get_device_name(0)}")
     total = {m: 0.0 for m in methods}
@@ -80,6 +84,15 @@ def main():
         for (mm, shape), (c, tt) in sorted(by_shape.items()):
             if mm == m:
                 print(f"    {str(shape):16} {c:4d} matrices, {1000 * tt / c:8.1f} ms each")
+    if out_json:
+        # per-shape means and how many matrices of each shape the whole model has, so that a run
+        # over the first N matrices can be extrapolated to all of them
+        full = {}
+        for _, _, _, info in every:
+            full[str(tuple(info["shape"]))] = full.get(str(tuple(info["shape"])), 0) + 1
+        per = {m: {str(shape): tt / c for (mm, shape), (c, tt) in by_shape.items() if mm == m} for m in methods}
+        with open(out_json, "w") as fh:
+            json.dump({"matrices": len(mats), "load_s": t_load, "totals_s": total, "per_shape_s": per, "model_counts": full}, fh)
 
 
 if __name__ == "__main__":

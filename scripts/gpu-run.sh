@@ -2,7 +2,8 @@
 # One call on the lent GPU machine (../shared/docs/GPU.md): the CUDA binary built by
 # scripts/build-cuda.sh (.gpu/compactor), the stories260K fixture and its text copied to .gpu/,
 # the Vulkan loader .debs in .gl/. Results go to $OUT (log.txt and JSON files).
-#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E   (each call must fit 10 minutes)
+#   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
+#   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
 #     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
@@ -254,5 +255,33 @@ cat /tmp/g8b/*.safetensors > /dev/null
 timeout 300 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods gram,lowrank
 # torch.linalg.svd on a tenth of the matrices (every layer kind, layers 0-3): its full run does not fit the call
 timeout 200 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods svd --limit ${SVD_LIMIT:-28}
+fi
+# F: issue 8's benchmark in one call: the synthetic Granite-8B, Compactor's spectra and both plans
+# (load -> compress -> save), PyTorch on the same matrices (torch.linalg.svd on the first SVD_LIMIT
+# matrices, extrapolated by shape), the ratios, then dense vs svd-plan decode
+if [ "$PART" = F ]; then
+g8b; warm
+step "issue 8 in one call: Compactor on the GPU (spectra; svd and tt plans at 0.5, load -> compress -> save)"
+for what in "spectra:spectra /tmp/g8b --device cuda --json" "svd:compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-svd" "tt:compress /tmp/g8b --method tt --ratio 0.5 --device cuda --out /tmp/g8b-tt"; do
+  k=${what%%:*}; rm -rf /tmp/g8b-$k
+  /usr/bin/time -f "%e" -o /tmp/t-$k timeout 300 $B ${what#*:} > /dev/null; echo "compactor $k: $(cat /tmp/t-$k) s wall"
+done
+step "PyTorch on the same matrices"
+timeout 240 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods gram,lowrank --json /tmp/torch.json
+timeout 150 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods svd --limit ${SVD_LIMIT:-28} --json /tmp/torch-svd.json
+python3 - <<'PY' | tee "$OUT/summary.txt"
+import json
+t = {k: float(open(f"/tmp/t-{k}").read().split()[-1]) for k in ("spectra", "svd", "tt")}
+a, b = json.load(open("/tmp/torch.json")), json.load(open("/tmp/torch-svd.json"))
+full = sum(b["per_shape_s"]["svd"][s] * c for s, c in b["model_counts"].items())
+rows = [("Gram + torch.linalg.eigvalsh (values)", a["totals_s"]["gram"], "spectra"),
+        ("torch.svd_lowrank(q=1024)", a["totals_s"]["lowrank"], "svd"),
+        (f"torch.linalg.svd (from {b['matrices']} matrices, by shape)", full, "svd")]
+n = sum(a["model_counts"].values())
+print(f"{n} matrices. Compactor (wall, whole process): spectra {t['spectra']:.1f} s, svd plan {t['svd']:.1f} s, tt plan {t['tt']:.1f} s (goals 10 / 20 s)")
+for label, secs, ours in rows:
+    print(f"{label:48} {secs:7.1f} s (compute only, weights already on the GPU): Compactor's {ours} {secs / t[ours]:.2f}x faster")
+PY
+PATHS=${PATHS:-fused} decode_full
 fi
 echo; echo "=== done $(date +%T)"
