@@ -706,9 +706,8 @@ __device__ __forceinline__ void pdl_launch_next() {
 // stride ldx, y batch x rows. A launch carries up to 4 products (a grouped launch); its blocks
 // are numbered consecutively over the products, product i starting at block first_block.
 // The fused kinds (the decode step graph's) also use w2/x2 (a pair's second row: row j of w2
-// times x2), nw (norm weights) and s, eps (see `gemv`). l2: prefetch the weights into L2 before
-// waiting for x (set by the host for launches small enough to fit there).
-struct Seg { const void* w; const void* x; unsigned short* y; int rows; int cols; int ldx; int split; int first_block; int l2;
+// times x2), nw (norm weights) and s, eps (see `gemv`).
+struct Seg { const void* w; const void* x; unsigned short* y; int rows; int cols; int ldx; int split; int first_block; int pad;
              const void* w2; const void* x2; const void* nw; float s; float eps; };
 struct Segs { Seg s[4]; int n; int batch; };
 __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
@@ -820,15 +819,6 @@ __device__ void gemv(const Seg& s, int blk) {
     for (int p = 0; p < P; p++)
 #pragma unroll
         for (int r = 0; r < R; r++) pre[p][r] = (live && v0 + p * stride < cols8) ? __ldcs(wr[r] + v0 + p * stride) : make_uint4(0, 0, 0, 0);
-#if __CUDA_ARCH__ >= 900
-    // a small launch: the rest of the group's rows goes to L2 now, while the previous kernel
-    // finishes (its tail leaves DRAM idle), and streams from there after the wait
-    if (s.l2 && live && part == 0 && lane == 0 && P * stride < cols8) {
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(wr[r] + P * stride), "r"((unsigned)(cols8 - P * stride) * 16u) : "memory");
-    }
-#endif
     pdl_wait();
     if (live) {
 #pragma unroll
@@ -1096,7 +1086,7 @@ struct Seg {
     ldx: i32,
     split: i32,
     first_block: i32,
-    l2: i32,
+    pad: i32,
     w2: u64,
     x2: u64,
     nw: u64,
@@ -1137,23 +1127,6 @@ fn seg_for(mode: u8, rg: usize, p: &Product, first: usize) -> (Seg, usize) {
     (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, ..Default::default() }, nb)
 }
 
-/// Launches whose weights fit this many MiB are prefetched into L2 before they wait for their
-/// input (`COMPACTOR_L2_PREFETCH_MB`, default 40 — the H100/H200 L2 holds 50; 0 turns it off):
-/// the low-rank products are 8–40 MB, too small to reach full bandwidth on their own.
-fn l2_budget() -> usize {
-    static MB: OnceLock<usize> = OnceLock::new();
-    *MB.get_or_init(|| std::env::var("COMPACTOR_L2_PREFETCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(40)) << 20
-}
-
-/// Sets the kernel's L2 prefetch flag on every product of a launch if all its weights fit
-/// [`l2_budget`].
-fn mark_l2(segs: &mut Segs) {
-    let n = segs.n.max(0) as usize;
-    let bytes: usize = segs.s[..n].iter().map(|g| g.rows as usize * g.cols as usize * 2 * if g.w2 != 0 { 2 } else { 1 }).sum();
-    let on = (bytes <= l2_budget()) as i32;
-    segs.s[..n].iter_mut().for_each(|g| g.l2 = on);
-}
-
 fn check_batch(b: usize) -> CResult<()> {
     if !(1..=16).contains(&b) {
         candle_core::bail!("gemv: {b} input rows (1 to 16 supported)");
@@ -1178,7 +1151,6 @@ pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, 
             *seg = sg;
             blocks += nb;
         }
-        mark_l2(&mut segs);
         launch_segs(dev, mode, b, &segs, blocks, pdl)?;
     }
     Ok(())
@@ -1241,7 +1213,6 @@ fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u
         *seg = sg;
         blocks += nb;
     }
-    mark_l2(&mut segs);
     (segs, blocks)
 }
 
