@@ -75,17 +75,28 @@ pub fn lap(dev: &candle_core::Device, phase: Option<usize>) {
     });
 }
 
-/// One cuSOLVER handle per CUDA stream (creating one costs milliseconds).
+/// cuSOLVER handles by the CUDA stream they run on.
+static SOLVERS: OnceLock<Mutex<HashMap<usize, Arc<DnHandle>>>> = OnceLock::new();
+
+/// One cuSOLVER handle per CUDA stream (creating one costs milliseconds), kept until
+/// [`forget_solver`] (a handle holds its stream: without that, every worker stream of every
+/// [`for_each_ordered`] call would live as long as the process — the desktop app's).
 pub(crate) fn solver(stream: &Arc<cudarc::driver::CudaStream>) -> CResult<Arc<DnHandle>> {
-    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<DnHandle>>>> = OnceLock::new();
     let key = stream.cu_stream() as usize;
-    let mut map = HANDLES.get_or_init(Default::default).lock().unwrap();
+    let mut map = SOLVERS.get_or_init(Default::default).lock().unwrap();
     if let Some(h) = map.get(&key) {
         return Ok(h.clone());
     }
     let h = Arc::new(DnHandle::new(stream.clone()).map_err(ce("cusolverDnCreate"))?);
     map.insert(key, h.clone());
     Ok(h)
+}
+
+/// Drops the cuSOLVER handle of `dev`'s stream, if it has one (its worker is done with it).
+fn forget_solver(dev: &candle_core::Device) {
+    if let (candle_core::Device::Cuda(c), Some(map)) = (dev, SOLVERS.get()) {
+        map.lock().unwrap().remove(&(c.cuda_stream().cu_stream() as usize));
+    }
 }
 
 /// Symmetric eigendecomposition of an n×n f32 matrix: output (n+1) × n, rows 0..n the
@@ -622,12 +633,13 @@ pub fn for_each_ordered<T: Send>(
                 loop {
                     let k = next.fetch_add(1, Ordering::SeqCst);
                     if k >= todo.len() || stop.load(Ordering::SeqCst) || progress.cancelled() {
-                        return;
+                        break;
                     }
                     if tx.send((k, fit(todo[k], &dev))).is_err() {
-                        return;
+                        break;
                     }
                 }
+                forget_solver(&dev);
             });
         }
         drop(tx);
