@@ -714,34 +714,6 @@ __device__ __forceinline__ void pdl_launch_next() {
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
 }
-// Chained launches (a low-rank group's B products, then its A products, in one grid): the
-// second phase's blocks come after every first-phase block in launch order, so they may spin
-// until ctr[0] counts all first-phase blocks without starving them; ctr[1] counts finished
-// second-phase blocks, and the last one resets both for the next step.
-__device__ __forceinline__ void chain_wait(const unsigned* ctr, unsigned target) {
-    if (threadIdx.x == 0) {
-        while (*(volatile const unsigned*)ctr < target) __nanosleep(32);
-        __threadfence();
-    }
-    __syncthreads();
-}
-__device__ __forceinline__ void chain_signal(unsigned* ctr) {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(ctr, 1u);
-}
-__device__ __forceinline__ void chain_done(unsigned* ctr, unsigned blocks) {
-    __syncthreads();
-    if (threadIdx.x == 0 && atomicAdd(ctr + 1, 1u) == blocks - 1) {
-        ctr[0] = 0;
-        ctr[1] = 0;
-        __threadfence();
-    }
-}
-// x as a product reads it: through the read-only cache, or (CH: written earlier in the same
-// grid) from L2
-template <bool CH>
-__device__ __forceinline__ uint4 ldx(const uint4* p) { return CH ? __ldcg(p) : __ldg(p); }
 // One product y = x Wᵀ of a launch: W rows x cols (bf16, cols % 8 == 0), x batch x cols with row
 // stride ldx, y batch x rows. A launch carries up to 4 products (a grouped launch); its blocks
 // are numbered consecutively over the products, product i starting at block first_block.
@@ -758,7 +730,7 @@ __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
 }
 // acc[r][b] += Σ_k w_r[k] x'_{r,b}[k] over the 8 columns of chunk v (w_r: that chunk of row r),
 // where x' is x (every row), or x ⊙ nw with ss[b] += Σ x² (NORM), or row r's own x (SEPX).
-template <int B, int R, bool NORM, bool SEPX, bool CH>
+template <int B, int R, bool NORM, bool SEPX>
 __device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* const (&xr)[R], const uint4* nw, int ldx8, int v, float (&acc)[R][B], float (&ss)[B]) {
     float wf[R][8];
 #pragma unroll
@@ -771,13 +743,13 @@ __device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* con
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float xf[8];
-                unpack8(ldx<CH>(xr[r] + (size_t)b * ldx8 + v), xf);
+                unpack8(__ldg(xr[r] + (size_t)b * ldx8 + v), xf);
 #pragma unroll
                 for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
             }
         } else {
             float xf[8];
-            unpack8(ldx<CH>(xr[0] + (size_t)b * ldx8 + v), xf);
+            unpack8(__ldg(xr[0] + (size_t)b * ldx8 + v), xf);
             if (NORM) {
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
@@ -821,8 +793,8 @@ __device__ __forceinline__ void store(const Seg& s, int row, int b, float a0, fl
 // - OUT 1: y is the residual stream, y += s · rbf(x Wᵀ);
 // - OUT 2 (R = 2): output j pairs row j of w (times x) with row j of w2 (times x2, or x with
 //   NORM): y_j = silu(g) · u — the gate and up products of a block, or their A factors.
-template <int B, int R, bool NORM, int OUT, bool CH = false>
-__device__ void gemv(const Seg& s, int blk, const unsigned* ctr = nullptr, unsigned target = 0) {
+template <int B, int R, bool NORM, int OUT>
+__device__ void gemv(const Seg& s, int blk) {
     static_assert(OUT != 2 || R == 2, "a pair is two rows");
     constexpr int RG = OUT == 2 ? 1 : R;      // outputs per warp group
     constexpr bool SEPX = OUT == 2 && !NORM;  // the pair's rows read x and x2
@@ -859,18 +831,17 @@ __device__ void gemv(const Seg& s, int blk, const unsigned* ctr = nullptr, unsig
     for (int p = 0; p < P; p++)
 #pragma unroll
         for (int r = 0; r < R; r++) pre[p][r] = (live && v0 + p * stride < cols8) ? __ldcs(wr[r] + v0 + p * stride) : make_uint4(0, 0, 0, 0);
-    if (CH) chain_wait(ctr, target);
-    else pdl_wait();
+    pdl_wait();
     if (live) {
 #pragma unroll
         for (int p = 0; p < P; p++)
-            if (v0 + p * stride < cols8) fma_chunk<B, R, NORM, SEPX, CH>(pre[p], xr, nw, ldx8, v0 + p * stride, acc, ss);
+            if (v0 + p * stride < cols8) fma_chunk<B, R, NORM, SEPX>(pre[p], xr, nw, ldx8, v0 + p * stride, acc, ss);
 #pragma unroll 4
         for (int v = v0 + P * stride; v < cols8; v += stride) {
             uint4 wv[R];
 #pragma unroll
             for (int r = 0; r < R; r++) wv[r] = __ldcs(wr[r] + v);
-            fma_chunk<B, R, NORM, SEPX, CH>(wv, xr, nw, ldx8, v, acc, ss);
+            fma_chunk<B, R, NORM, SEPX>(wv, xr, nw, ldx8, v, acc, ss);
         }
     }
 #pragma unroll
@@ -998,15 +969,6 @@ GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 
 // the fused kinds (batch ≤ 8): n norm in, r residual out, np norm in and pairs out, p pairs out
 #define FUSED(B, R) GEMVK(gemvn_b, B, R, true, 0) GEMVK(gemvr_b, B, R, false, 1) GEMVK(gemvnp_b, B, 2, true, 2) GEMVK(gemvp_b, B, 2, false, 2)
 FUSED(1, 1) FUSED(2, 1) FUSED(3, 2) FUSED(4, 2) FUSED(5, 2) FUSED(6, 2) FUSED(7, 2) FUSED(8, 2)
-// chained fused kinds: blocks [0, nb1) run g1 (B products into t), the rest g2 (A products from
-// t): ns norm in / store, sr store / residual out, np norm in / pairs out
-#define CHAINK(NAME, B, R1, N1, R2, O2) \
-    extern "C" __global__ void NAME##B(const Segs g1, const Segs g2, unsigned* ctr, int nb1, int nb2) { \
-        int blk; \
-        if ((int)blockIdx.x < nb1) { const Seg& s = seg_of(g1, blockIdx.x, blk); gemv<B, R1, N1, 0>(s, blk); chain_signal(ctr); } \
-        else { const Seg& s = seg_of(g2, blockIdx.x - nb1, blk); gemv<B, R2, false, O2, true>(s, blk, ctr, (unsigned)nb1); chain_done(ctr, (unsigned)nb2); } }
-#define CHAIN(B, R) CHAINK(chain_ns_b, B, R, true, R, 0) CHAINK(chain_sr_b, B, R, false, R, 1) CHAINK(chain_np_b, B, R, true, 2, 2)
-CHAIN(1, 1) CHAIN(2, 1) CHAIN(3, 2) CHAIN(4, 2) CHAIN(5, 2) CHAIN(6, 2) CHAIN(7, 2) CHAIN(8, 2)
 "#;
 
 /// Rows of one warp group for batch `b` (must match GEMV_SRC).
@@ -1242,29 +1204,6 @@ pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods:
     let mut params = [&segs as *const Segs as *mut std::ffi::c_void];
     // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.
     unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, true) }
-}
-
-/// A low-rank group's two fused launches as one grid (see `chain_wait` in GEMV_SRC): `first`
-/// (norm in with `norm`, stored into the intermediates) then `second` (written as `out`, with
-/// `pairs` for [`Out::Glu`]), the second phase's blocks waiting on the counters at `ctr` (two
-/// u32, zero, one pair per call site of the step graph).
-pub(crate) fn launch_chain(dev: &candle_core::cuda::CudaDevice, b: usize, first: &[Product], norm: Option<(u64, f32)>, second: &[Product], pairs: &[(u64, u64)], out: Out, ctr: u64) -> CResult<()> {
-    if !(1..=FUSED_MAX_BATCH).contains(&b) || first.is_empty() || first.len() > 4 || second.is_empty() || second.len() > 4 {
-        candle_core::bail!("chained gemv: {} and {} products of batch {b}", first.len(), second.len());
-    }
-    let name = match (norm.is_some(), out) {
-        (true, Out::Store) => "chain_ns_b",
-        (false, Out::Residual(_)) => "chain_sr_b",
-        (true, Out::Glu) => "chain_np_b",
-        _ => candle_core::bail!("chained gemv: no kind for norm {} and {out:?}", norm.is_some()),
-    };
-    let (s1, nb1) = fused_segs(b, first, &[], norm, Out::Store);
-    let (s2, nb2) = fused_segs(b, second, pairs, None, out);
-    let func = kernel(dev, &format!("{name}{b}"))?;
-    let (mut c, mut n1, mut n2) = (ctr, nb1 as i32, nb2 as i32);
-    let mut params = [&s1 as *const Segs as *mut std::ffi::c_void, &s2 as *const Segs as *mut std::ffi::c_void, arg(&mut c), arg(&mut n1), arg(&mut n2)];
-    // SAFETY: the parameters match `CHAINK`'s kernels: two `Segs`, a pointer, two ints.
-    unsafe { launch_raw(dev, &func, ((nb1 + nb2) as u32, 1), 256, 0, &mut params, true) }
 }
 
 /// The kernel-side form of a fused launch and its block count.

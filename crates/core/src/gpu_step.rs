@@ -22,7 +22,7 @@
 //! into the static one. Numerics follow the candle path (bf16 storage, f32 arithmetic, the same
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
-use crate::gpu::{ce, gemv_mode, kernel, launch_chain, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
+use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
 use crate::linear::Linear;
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
@@ -335,10 +335,6 @@ pub struct Decoder {
     mode: u8,
     /// the fused kinds run the step (norms, residual adds and silu·up inside the products)
     fused: bool,
-    /// a low-rank group's two fused launches run as one chained grid (`COMPACTOR_STEP_CHAIN=0`
-    /// turns it off); two u32 counters per call site, and the next site while a step is issued
-    chain: Option<Tensor>,
-    site: std::cell::Cell<usize>,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -422,18 +418,6 @@ impl Switch {
 
 static STEP_GRAPH: Switch = Switch::new("COMPACTOR_STEP_GRAPH");
 static STEP_FUSE: Switch = Switch::new("COMPACTOR_STEP_FUSE");
-static STEP_CHAIN: Switch = Switch::new("COMPACTOR_STEP_CHAIN");
-
-/// Whether later decoders chain a low-rank group's two fused launches into one grid
-/// (`COMPACTOR_STEP_CHAIN=0` turns it off).
-pub fn chain_enabled() -> bool {
-    STEP_CHAIN.get()
-}
-
-/// Turns chained launches on or off for later decoders.
-pub fn set_chain_enabled(on: bool) {
-    STEP_CHAIN.set(on)
-}
 
 /// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
 pub fn enabled() -> bool {
@@ -529,8 +513,6 @@ impl Decoder {
             crate::gpu::cublas_workspace(dev)?;
         }
         let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
-        // at most four chained groups per block and the lm_head
-        let chain = if fused && chain_enabled() { Some(Tensor::zeros(2 * (4 * layers.len() + 1), DType::U32, device)?) } else { None };
         Ok(Some(Decoder {
             dev: dev.clone(),
             batch,
@@ -541,8 +523,6 @@ impl Decoder {
             bufs,
             mode,
             fused,
-            chain,
-            site: std::cell::Cell::new(0),
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
@@ -652,7 +632,8 @@ impl Decoder {
                     let (t, t2) = (tensor_addr(t)?, tensor_addr(t2)?);
                     let first = [p(*b, x, t, *rank, *cols), p(*b2, x, t2, *rank, *cols)];
                     let second = [p(*a, t, ys[0], *rows, *rank)];
-                    self.two_phases(&first, norm, &second, &[(*a2, t2)], Out::Glu)?;
+                    launch_fused(dev, nb, &first, &[], norm, Out::Store)?;
+                    launch_fused(dev, nb, &second, &[(*a2, t2)], None, Out::Glu)?;
                 }
                 _ => return Err(crate::Error::Invalid("fused step: gate and up differ in kind".into())),
             }
@@ -670,29 +651,11 @@ impl Decoder {
                 }
             }
         }
-        if second.is_empty() {
-            launch_fused(dev, nb, &first, &[], norm, out)?;
-        } else {
-            self.two_phases(&first, norm, &second, &[], out)?;
+        launch_fused(dev, nb, &first, &[], norm, if second.is_empty() { out } else { Out::Store })?;
+        if !second.is_empty() {
+            launch_fused(dev, nb, &second, &[], None, out)?;
         }
         Ok(())
-    }
-
-    /// `first` (into the intermediates) then `second` (written as `out`): one chained grid when
-    /// chaining is on and this kind has one, else two fused launches.
-    fn two_phases(&self, first: &[Product], norm: Option<(u64, f32)>, second: &[Product], pairs: &[(u64, u64)], out: Out) -> crate::Result<()> {
-        let (dev, nb) = (&self.dev, self.batch);
-        let kind = matches!((norm.is_some(), out), (true, Out::Store) | (false, Out::Residual(_)) | (true, Out::Glu));
-        if let (Some(ctr), true) = (&self.chain, kind) {
-            let site = self.site.get();
-            if 2 * site + 2 <= ctr.elem_count() {
-                self.site.set(site + 1);
-                let at = tensor_addr(ctr)? + 8 * site as u64;
-                return Ok(launch_chain(dev, nb, first, norm, second, pairs, out, at)?);
-            }
-        }
-        launch_fused(dev, nb, first, &[], norm, Out::Store)?;
-        Ok(launch_fused(dev, nb, second, pairs, None, out)?)
     }
 
     /// Whether `COMPACTOR_STEP_SKIP` leaves this kind of kernel out (timing only).
@@ -761,7 +724,6 @@ impl Decoder {
     /// No norm or silu kernels: 5 launches per dense block and 9 per low-rank one, against 8 and
     /// 12 unfused.
     fn blocks_fused(&self) -> crate::Result<()> {
-        self.site.set(0);
         let b = &self.bufs;
         let a = |t: &Tensor| tensor_addr(t);
         let (x, q, k, v, att, act) = (a(&b.x)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.act)?);
