@@ -133,37 +133,31 @@ impl CustomOp1 for Eigh {
         let ni = n as i32;
         let mut info = stream.alloc_zeros::<i32>(1).map_err(ce("alloc"))?;
         let top = if self.vectors && self.top > 0 && self.top < n { self.top as i32 } else { 0 };
-        if top > 0 {
-            let range = cs::cusolverEigRange_t::CUSOLVER_EIG_RANGE_I;
-            let (il, iu) = (ni - top + 1, ni);
+        // syevdx (the top `top` pairs) or syevd (all): same buffers, same workspace steps
+        let range = cs::cusolverEigRange_t::CUSOLVER_EIG_RANGE_I;
+        let (il, iu) = (ni - top + 1, ni);
+        {
             let (a_ptr, _ga) = out.device_ptr_mut(&stream);
             let w_ptr = a_ptr + (n * n * 4) as u64;
+            let (a, w) = (a_ptr as *mut f32, w_ptr as *mut f32);
             let (mut lwork, mut meig) = (0i32, 0i32);
-            unsafe { cs::cusolverDnSsyevdx_bufferSize(h.cu(), jobz, range, uplo, ni, a_ptr as *const f32, ni, 0.0, 0.0, il, iu, &mut meig, w_ptr as *const f32, &mut lwork) }
-                .result()
-                .map_err(ce("cusolverDnSsyevdx_bufferSize"))?;
-            let mut work = stream.alloc_zeros::<f32>(lwork.max(1) as usize).map_err(ce("alloc"))?;
-            let (wk, _gw) = work.device_ptr_mut(&stream);
-            let (ip, _gi) = info.device_ptr_mut(&stream);
-            unsafe { cs::cusolverDnSsyevdx(h.cu(), jobz, range, uplo, ni, a_ptr as *mut f32, ni, 0.0, 0.0, il, iu, &mut meig, w_ptr as *mut f32, wk as *mut f32, lwork, ip as *mut i32) }
-                .result()
-                .map_err(ce("cusolverDnSsyevdx"))?;
-            if meig != top {
-                candle_core::bail!("cusolverDnSsyevdx returned {meig} eigenpairs of a {n}×{n} Gram matrix, asked for {top}");
+            if top > 0 {
+                unsafe { cs::cusolverDnSsyevdx_bufferSize(h.cu(), jobz, range, uplo, ni, a, ni, 0.0, 0.0, il, iu, &mut meig, w, &mut lwork) }.result().map_err(ce("cusolverDnSsyevdx_bufferSize"))?;
+            } else {
+                unsafe { cs::cusolverDnSsyevd_bufferSize(h.cu(), jobz, uplo, ni, a, ni, w, &mut lwork) }.result().map_err(ce("cusolverDnSsyevd_bufferSize"))?;
             }
-        } else {
-            let (a_ptr, _ga) = out.device_ptr_mut(&stream);
-            let w_ptr = a_ptr + (n * n * 4) as u64;
-            let mut lwork: i32 = 0;
-            unsafe { cs::cusolverDnSsyevd_bufferSize(h.cu(), jobz, uplo, ni, a_ptr as *const f32, ni, w_ptr as *const f32, &mut lwork) }
-                .result()
-                .map_err(ce("cusolverDnSsyevd_bufferSize"))?;
             let mut work = stream.alloc_zeros::<f32>(lwork.max(1) as usize).map_err(ce("alloc"))?;
             let (wk, _gw) = work.device_ptr_mut(&stream);
             let (ip, _gi) = info.device_ptr_mut(&stream);
-            unsafe { cs::cusolverDnSsyevd(h.cu(), jobz, uplo, ni, a_ptr as *mut f32, ni, w_ptr as *mut f32, wk as *mut f32, lwork, ip as *mut i32) }
-                .result()
-                .map_err(ce("cusolverDnSsyevd"))?;
+            let (wk, ip) = (wk as *mut f32, ip as *mut i32);
+            if top > 0 {
+                unsafe { cs::cusolverDnSsyevdx(h.cu(), jobz, range, uplo, ni, a, ni, 0.0, 0.0, il, iu, &mut meig, w, wk, lwork, ip) }.result().map_err(ce("cusolverDnSsyevdx"))?;
+                if meig != top {
+                    candle_core::bail!("cusolverDnSsyevdx returned {meig} eigenpairs of a {n}×{n} Gram matrix, asked for {top}");
+                }
+            } else {
+                unsafe { cs::cusolverDnSsyevd(h.cu(), jobz, uplo, ni, a, ni, w, wk, lwork, ip) }.result().map_err(ce("cusolverDnSsyevd"))?;
+            }
         }
         settle(&stream)?;
         let code = stream.clone_dtoh(&info).map_err(ce("info"))?[0];
