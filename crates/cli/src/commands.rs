@@ -510,30 +510,31 @@ pub fn bench_eigen(n: usize, batches: Vec<usize>) -> Result<()> {
         );
         // the fits' default: the filtered subspace (no eigensolver); what matters is the energy it
         // captures, i.e. the relative error sqrt((tr G − tr VGVᵀ)/tr G) of the fit it gives
-        let rel_err = |g: &Tensor, v: &Tensor| -> Result<f64> {
-            let g = g.to_dtype(DType::F64)?;
-            let v = v.to_dtype(DType::F64)?;
-            let diag = Tensor::arange_step(0u32, (n * n) as u32, (n + 1) as u32, g.device())?;
-            let total = g.flatten_all()?.index_select(&diag, 0)?.sum_all()?.to_scalar::<f64>()?;
-            let kept = (v.matmul(&g)? * &v)?.sum_all()?.to_scalar::<f64>()?;
-            Ok(((total - kept).max(0.0) / total).sqrt())
+        let diag = Tensor::arange_step(0u32, (n * n) as u32, (n + 1) as u32, g.device())?;
+        let filter = |j: usize, seed: u64| -> Result<Tensor> {
+            compactor_core::gpu_filter::top_subspace(&g.get(j)?, r, seed)?.ok_or_else(|| anyhow::anyhow!("the filter declined Gram {j} ({n}×{n}) at r = {r}"))
         };
         let seed = 7u64;
-        let first = compactor_core::gpu_filter::top_subspace(&g.get(0)?, r, seed)?; // warm-up
-        anyhow::ensure!(first.is_some(), "the filter declined a {n}×{n} Gram at r = {r}");
+        filter(0, seed)?; // warm-up
         dev.synchronize()?;
         let t = Instant::now();
         let mut filtered = Vec::with_capacity(k);
         for j in 0..k {
-            filtered.push(compactor_core::gpu_filter::top_subspace(&g.get(j)?, r, seed + j as u64)?.expect("applies"));
+            filtered.push(filter(j, seed + j as u64)?);
         }
         dev.synchronize()?;
         let per_filter = t.elapsed().as_secs_f64() / k as f64;
         let (mut worst_loss, mut exact_err) = (0f64, 0f64);
         for (j, v) in filtered.iter().enumerate() {
-            let gj = g.get(j)?;
-            let exact = rel_err(&gj, &tops[1][j])?;
-            worst_loss = worst_loss.max(rel_err(&gj, v)? - exact);
+            let gj = g.get(j)?.to_dtype(DType::F64)?;
+            let total = gj.flatten_all()?.index_select(&diag, 0)?.sum_all()?.to_scalar::<f64>()?;
+            let rel_err = |v: &Tensor| -> Result<f64> {
+                let v = v.to_dtype(DType::F64)?;
+                let kept = (v.matmul(&gj)? * &v)?.sum_all()?.to_scalar::<f64>()?;
+                Ok(((total - kept).max(0.0) / total).sqrt())
+            };
+            let exact = rel_err(&tops[1][j])?;
+            worst_loss = worst_loss.max(rel_err(v)? - exact);
             exact_err = exact_err.max(exact);
         }
         println!(
