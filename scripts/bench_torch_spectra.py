@@ -5,7 +5,7 @@ Gram matrix and torch.svd_lowrank(q=1024) on the GPU.
 usage: python3 bench_torch_spectra.py MODEL_DIR [--methods gram,lowrank,svd] [--limit N] [--json OUT]
 Reads safetensors headers itself (no `safetensors` package needed on the GPU machine).
 """
-import json, os, re, struct, sys, time
+import collections, json, os, re, struct, sys, time
 
 import torch
 
@@ -87,9 +87,7 @@ def main():
     if out_json:
         # per-shape means and how many matrices of each shape the whole model has, so that a run
         # over the first N matrices can be extrapolated to all of them
-        full = {}
-        for _, _, _, info in every:
-            full[str(tuple(info["shape"]))] = full.get(str(tuple(info["shape"])), 0) + 1
+        full = collections.Counter(str(tuple(info["shape"])) for _, _, _, info in every)
         per = {m: {str(shape): tt / c for (mm, shape), (c, tt) in by_shape.items() if mm == m} for m in methods}
         with open(out_json, "w") as fh:
             json.dump({"matrices": len(mats), "load_s": t_load, "totals_s": total, "per_shape_s": per, "model_counts": full}, fh)

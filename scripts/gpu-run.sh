@@ -107,13 +107,20 @@ step "issue 8: synthetic Granite-8B shapes, $L layers, bf16, on local disk"
 [ -f /tmp/g8b/config.json ] || timeout 400 $B synth --preset granite-8b --layers $L --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; du -sh /tmp/g8b
 cat /tmp/g8b/*.safetensors > /dev/null   # page cache, as for the PyTorch run
 }
+# plans: spectra, then the svd and tt plans at 0.5; each wall time also goes to /tmp/t-{spectra,svd,tt}
+# (part F reads them). PLANS_TIMING=0 leaves out the per-phase timing (its stream syncs).
 plans() {
 step "Compactor spectra of every linear matrix on the GPU (phase times summed over streams)"
-export COMPACTOR_GPU_TIMING=1
-/usr/bin/time -f "compactor spectra: %e s wall, %M KiB peak RSS" timeout 300 $B spectra /tmp/g8b --device cuda --json > /tmp/g8b-spectra.json
+[ "${PLANS_TIMING:-1}" = 0 ] || export COMPACTOR_GPU_TIMING=1
+timed() { # timed KEY LABEL COMMAND...: runs it, prints its wall time and peak RSS (stderr, as time does), keeps them
+  local k=$1 label=$2; shift 2
+  /usr/bin/time -o /tmp/t-$k -f "%e %M" "$@"; read -r secs rss < /tmp/t-$k; echo "$label: $secs s wall, $rss KiB peak RSS" >&2
+}
+timed spectra "compactor spectra" timeout 300 $B spectra /tmp/g8b --device cuda --json > /tmp/g8b-spectra.json
 for m in svd tt; do
   step "Compactor $m plan at 0.5, load -> compress -> save, on the GPU"
-  /usr/bin/time -f "compress $m 0.5: %e s wall, %M KiB peak RSS" timeout 400 $B compress /tmp/g8b --method $m --ratio 0.5 --device cuda --out /tmp/g8b-$m > /dev/null
+  rm -rf /tmp/g8b-$m
+  timed $m "compress $m 0.5" timeout 400 $B compress /tmp/g8b --method $m --ratio 0.5 --device cuda --out /tmp/g8b-$m > /dev/null
   python3 -c "import json; m=json.load(open('/tmp/g8b-$m/compactor.json')); e=[l['rel_error'] for l in m['layers']]; n=m['notes']; print('$m', len(e), 'matrices, compress_seconds', round(n['compress_seconds'],1), 'write_seconds', round(n.get('write_seconds',0),1), 'linear_param_ratio', round(m['totals']['linear_param_ratio'],4), 'rel_error mean', round(sum(e)/len(e),6))"
 done
 unset COMPACTOR_GPU_TIMING
@@ -261,17 +268,13 @@ fi
 # matrices, extrapolated by shape), the ratios, then dense vs svd-plan decode
 if [ "$PART" = F ]; then
 g8b; warm
-step "issue 8 in one call: Compactor on the GPU (spectra; svd and tt plans at 0.5, load -> compress -> save)"
-for what in "spectra:spectra /tmp/g8b --device cuda --json" "svd:compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-svd" "tt:compress /tmp/g8b --method tt --ratio 0.5 --device cuda --out /tmp/g8b-tt"; do
-  k=${what%%:*}; rm -rf /tmp/g8b-$k
-  /usr/bin/time -f "%e" -o /tmp/t-$k timeout 300 $B ${what#*:} > /dev/null; echo "compactor $k: $(cat /tmp/t-$k) s wall"
-done
+PLANS_TIMING=0 plans
 step "PyTorch on the same matrices"
 timeout 240 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods gram,lowrank --json /tmp/torch.json
 timeout 150 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods svd --limit ${SVD_LIMIT:-28} --json /tmp/torch-svd.json
 python3 - <<'PY' | tee "$OUT/summary.txt"
 import json
-t = {k: float(open(f"/tmp/t-{k}").read().split()[-1]) for k in ("spectra", "svd", "tt")}
+t = {k: float(open(f"/tmp/t-{k}").read().split()[0]) for k in ("spectra", "svd", "tt")}
 a, b = json.load(open("/tmp/torch.json")), json.load(open("/tmp/torch-svd.json"))
 full = sum(b["per_shape_s"]["svd"][s] * c for s, c in b["model_counts"].items())
 rows = [("Gram + torch.linalg.eigvalsh (values)", a["totals_s"]["gram"], "spectra"),
