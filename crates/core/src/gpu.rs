@@ -1250,35 +1250,11 @@ pub(crate) unsafe fn launch_raw(
     params: &mut [*mut std::ffi::c_void],
     pdl: bool,
 ) -> CResult<()> {
-    unsafe { launch_ex(dev, func, grid, 1, block, shared, params, pdl && pdl_capable(dev)) }
-}
-
-/// [`launch_raw`] of a one-dimensional grid of `grid` blocks in thread-block clusters of
-/// `cluster` blocks (`grid` a multiple of it; sm_90+), as a programmatic dependent launch.
-///
-/// # Safety
-/// As for [`launch_raw`].
-pub(crate) unsafe fn launch_raw_cluster(dev: &candle_core::cuda::CudaDevice, func: &cudarc::driver::CudaFunction, grid: u32, cluster: u32, block: u32, shared: u32, params: &mut [*mut std::ffi::c_void]) -> CResult<()> {
-    unsafe { launch_ex(dev, func, (grid, 1), cluster, block, shared, params, pdl_capable(dev)) }
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn launch_ex(dev: &candle_core::cuda::CudaDevice, func: &cudarc::driver::CudaFunction, grid: (u32, u32), cluster: u32, block: u32, shared: u32, params: &mut [*mut std::ffi::c_void], pdl: bool) -> CResult<()> {
     use cudarc::driver::sys;
-    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-    let mut n = 0;
-    if pdl {
-        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attrs[n].value.programmaticStreamSerializationAllowed = 1;
-        n += 1;
-    }
-    if cluster > 1 {
-        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attrs[n].value.clusterDim.x = cluster;
-        attrs[n].value.clusterDim.y = 1;
-        attrs[n].value.clusterDim.z = 1;
-        n += 1;
-    }
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let pdl = pdl && pdl_capable(dev);
     let cfg = sys::CUlaunchConfig {
         gridDimX: grid.0,
         gridDimY: grid.1,
@@ -1288,8 +1264,8 @@ unsafe fn launch_ex(dev: &candle_core::cuda::CudaDevice, func: &cudarc::driver::
         blockDimZ: 1,
         sharedMemBytes: shared,
         hStream: dev.cuda_stream().cu_stream(),
-        attrs: attrs.as_mut_ptr(),
-        numAttrs: n as u32,
+        attrs: &mut attr,
+        numAttrs: if pdl { 1 } else { 0 },
     };
     unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(ce("kernel launch"))
 }

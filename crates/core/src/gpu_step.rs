@@ -22,7 +22,7 @@
 //! into the static one. Numerics follow the candle path (bf16 storage, f32 arithmetic, the same
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
-use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, launch_raw_cluster, pdl_capable, tensor_addr, Out, Product, FUSED_MAX_BATCH};
+use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
 use crate::linear::Linear;
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
@@ -268,286 +268,6 @@ extern "C" __global__ void step_silu_mul(const unsigned short* g, const unsigned
         ((uint4*)a)[i] = pack8(gf);
     }
 }
-// The chained kinds of an all-low-rank step (batch ≤ 4, sm_90). One launch computes output rows
-// of its A factors (A t: t the f32 sums a previous launch left, scaled by that launch's rmsnorm and
-// rounded to bf16 as candle rounds t; or a bf16 t) and writes them as MODE says; then (with bt) it
-// multiplies its rows by the same rows of the next group's Bᵀ (stored transposed: rows × rn) — so
-// the next B product needs no launch of its own. Each block adds its partial sums up in registers
-// over its rows; a thread-block cluster adds its blocks' sums in distributed shared memory, and
-// each block adds a slice of them into the next group's f32 sums with atomics (split-K). With nw,
-// the rows are first scaled by the next norm's weights and Σ y² goes to ss: the next launch scales
-// by rsqrt(ss / xn + eps), since rmsnorm(y) Bᵀ = (y ⊙ nw) Bᵀ · rsqrt(mean y² + eps).
-// MODE 0: no A factor, the rows are x's own (the first block's q/k/v B product); 1: store (q/k/v,
-// up to 3 segments); 2: add into the residual stream from a bf16 t (o); 3: silu(g)·u of a pair
-// (gate/up); 4: add into the residual stream (down).
-// Persistent blocks (about one per SM), each over a contiguous range of tiles of `tile` ≤ 8 rows;
-// a tile's weights (its A rows, pair rows and Bᵀ rows: contiguous ranges) stream into one of
-// CHAIN_STAGES shared-memory stages with cp.async, CHAIN_STAGES - 1 tiles ahead of the one being
-// computed — the first ones before waiting for the previous kernel. 256 threads; dynamic shared
-// memory: batch × ldx floats (the staged input), then the stages (stage16 uint4 each).
-#define CHAIN_STAGES 6
-struct CSeg { const void* a; unsigned short* y; int rows; int k; int xoff; int first_tile; };
-struct Chain {
-    CSeg s[3];
-    const void* x; const void* a2; const float* xss; const void* bt; const void* nw; float* acc; float* ss;
-    int n; int ldx; int xn; float xeps; float mul; int tile; int tiles; int rn; int x2off; int stage16; int skip; int pad;
-};
-__device__ __forceinline__ unsigned cluster_rank() {
-    unsigned r = 0;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
-    return r;
-}
-__device__ __forceinline__ unsigned cluster_size() {
-    unsigned r = 1;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
-#endif
-    return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#else
-    __syncthreads();
-#endif
-}
-// the float4 at p (this block's shared memory) in the shared memory of cluster block `rank`
-__device__ __forceinline__ float4 ld_cluster4(const float* p, unsigned rank) {
-    float4 v;
-#if __CUDA_ARCH__ >= 900
-    unsigned a = (unsigned)__cvta_generic_to_shared(p), d;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(d) : "memory");
-#else
-    v = *(const float4*)p;
-#endif
-    return v;
-}
-__device__ __forceinline__ void add4(float* dst, float4 v) {
-#if __CUDA_ARCH__ >= 900
-    atomicAdd((float4*)dst, v);
-#else
-    atomicAdd(dst, v.x); atomicAdd(dst + 1, v.y); atomicAdd(dst + 2, v.z); atomicAdd(dst + 3, v.w);
-#endif
-}
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-// the segment of tile t, and the tile's first row in it
-__device__ __forceinline__ const CSeg& tile_seg(const Chain& c, int t, int& row0) {
-    int i = 0;
-    while (i + 1 < c.n && t >= c.s[i + 1].first_tile) i++;
-    row0 = (t - c.s[i].first_tile) * c.tile;
-    return c.s[i];
-}
-// starts the copies of tile t's weights into `st` (nothing past the block's last tile t1)
-template <bool GLU>
-__device__ __forceinline__ void chain_issue(const Chain& c, int t, int t1, uint4* st) {
-    if (t >= t1) return;
-    int row0;
-    const CSeg& s = tile_seg(c, t, row0);
-    const int nr = min(c.tile, s.rows - row0), k8 = s.k >> 3, rn8 = c.rn >> 3;
-    if (k8 > 0) {
-        const uint4* a = (const uint4*)s.a + (size_t)row0 * k8;
-        for (int j = threadIdx.x; j < nr * k8; j += blockDim.x) cp16(st + j, a + j);
-        if (GLU) {
-            const uint4* a2 = (const uint4*)c.a2 + (size_t)row0 * k8;
-            for (int j = threadIdx.x; j < nr * k8; j += blockDim.x) cp16(st + c.tile * k8 + j, a2 + j);
-        }
-    }
-    if (c.bt) {
-        uint4* bs = st + c.tile * k8 * (GLU ? 2 : 1);
-        const uint4* b = (const uint4*)c.bt + (size_t)row0 * rn8;
-        for (int j = threadIdx.x; j < nr * rn8; j += blockDim.x) cp16(bs + j, b + j);
-    }
-}
-template <int B, int MODE>
-__device__ void chain(const Chain& c) {
-    constexpr bool F32 = MODE == 1 || MODE == 3 || MODE == 4, GLU = MODE == 3, HASA = MODE != 0;
-    constexpr int S = CHAIN_STAGES;
-    extern __shared__ __align__(16) uint4 smem[];
-    __shared__ float ysh[B][8];
-    __shared__ float red[8][B][2];
-    float* xs = (float*)smem;
-    uint4* stages = smem + (HASA ? B * c.ldx / 4 : 0);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int t0 = (int)((long long)blockIdx.x * c.tiles / gridDim.x), t1 = (int)((long long)(blockIdx.x + 1) * c.tiles / gridDim.x);
-    const int rn8 = c.rn >> 3;
-    pdl_launch_next();
-#pragma unroll
-    for (int p = 0; p < S - 1; p++) {
-        chain_issue<GLU>(c, t0 + p, t1, stages + p * c.stage16);
-        cp_commit();
-    }
-    pdl_wait();
-    if (HASA) {
-        float r[B];
-#pragma unroll
-        for (int b = 0; b < B; b++) r[b] = c.xss ? rsqrtf(c.xss[b] / c.xn + c.xeps) : 1.f;
-        for (int j = tid; j < B * c.ldx; j += blockDim.x) {
-            const int b = j / c.ldx;
-            xs[j] = F32 ? rbf(((const float*)c.x)[j] * r[b]) : bf(((const unsigned short*)c.x)[j]);
-        }
-    }
-    float acc[2][B][8];
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-#pragma unroll
-        for (int b = 0; b < B; b++)
-#pragma unroll
-            for (int k = 0; k < 8; k++) acc[j][b][k] = 0.f;
-    float ssl = 0.f;
-    __syncthreads();
-    for (int t = t0; t < t1; t++) {
-        uint4* st = stages + ((t - t0) % S) * c.stage16;
-        cp_wait<S - 2>();
-        __syncthreads();
-        int row0;
-        const CSeg& s = tile_seg(c, t, row0);
-        const int nr = min(c.tile, s.rows - row0), k8 = s.k >> 3;
-        if (c.skip & 4) {
-            if (tid < B * nr) ysh[tid / nr][tid % nr] = 1.f;
-        } else if (!HASA) {
-            if (tid < B * nr) ysh[tid / nr][tid % nr] = bf(((const unsigned short*)c.x)[(size_t)(tid / nr) * c.ldx + row0 + tid % nr]);
-        } else {
-            // 8 / tile warps per row, each taking every (8 / tile)-th 32-lane chunk of it
-            const int wpr = 8 / c.tile, ri = warp / wpr, part = warp - ri * wpr;
-            float a0[B], a1[B];
-#pragma unroll
-            for (int b = 0; b < B; b++) a0[b] = a1[b] = 0.f;
-            if (ri < nr) {
-                const uint4* as = st + ri * k8;
-                const uint4* as2 = st + (c.tile + ri) * k8;
-                for (int v = part * 32 + lane; v < k8; v += 32 * wpr) {
-                    float wf[8];
-                    unpack8(as[v], wf);
-#pragma unroll
-                    for (int b = 0; b < B; b++) {
-                        const float4* xp = (const float4*)(xs + b * c.ldx + s.xoff) + 2 * v;
-                        const float4 x0 = xp[0], x1 = xp[1];
-                        a0[b] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y + wf[6] * x1.z + wf[7] * x1.w;
-                    }
-                    if (GLU) {
-                        unpack8(as2[v], wf);
-#pragma unroll
-                        for (int b = 0; b < B; b++) {
-                            const float4* xp = (const float4*)(xs + b * c.ldx + c.x2off) + 2 * v;
-                            const float4 x0 = xp[0], x1 = xp[1];
-                            a1[b] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y + wf[6] * x1.z + wf[7] * x1.w;
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int b = 0; b < B; b++)
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) {
-                    a0[b] += __shfl_xor_sync(0xffffffffu, a0[b], off);
-                    if (GLU) a1[b] += __shfl_xor_sync(0xffffffffu, a1[b], off);
-                }
-            if (lane == 0)
-#pragma unroll
-                for (int b = 0; b < B; b++) {
-                    red[warp][b][0] = a0[b];
-                    red[warp][b][1] = a1[b];
-                }
-            __syncthreads();
-            if (tid < B * nr) {
-                const int b = tid / nr, i = tid - b * nr, row = row0 + i;
-                float g0 = 0.f, g1 = 0.f;
-                for (int p = 0; p < wpr; p++) {
-                    g0 += red[i * wpr + p][b][0];
-                    g1 += red[i * wpr + p][b][1];
-                }
-                float y;
-                if (GLU) {
-                    const float g = rbf(g0), u = rbf(g1);
-                    y = rbf(rbf(g / (1.f + expf(-g))) * u);
-                } else if (MODE == 1) {
-                    y = rbf(g0);
-                    s.y[(size_t)b * s.rows + row] = to_bf16(y);
-                } else {
-                    float d = rbf(g0);
-                    if (c.mul != 1.f) d = rbf(d * c.mul);
-                    unsigned short* yp = s.y + (size_t)b * s.rows + row;
-                    y = rbf(bf(*yp) + d);
-                    *yp = to_bf16(y);
-                }
-                ysh[b][i] = y;
-            }
-        }
-        __syncthreads();
-        if (c.bt && !(c.skip & 2)) {
-            if (tid < B)
-                for (int i = 0; i < nr; i++) ssl = fmaf(ysh[tid][i], ysh[tid][i], ssl);
-            const uint4* bs = st + c.tile * k8 * (GLU ? 2 : 1);
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                const int u = tid + j * 256;
-                if (u < rn8)
-                    for (int i = 0; i < nr; i++) {
-                        float wf[8];
-                        unpack8(bs[i * rn8 + u], wf);
-                        const float nv = c.nw ? bf(((const unsigned short*)c.nw)[row0 + i]) : 1.f;
-#pragma unroll
-                        for (int b = 0; b < B; b++) {
-                            const float yv = ysh[b][i] * nv;
-#pragma unroll
-                            for (int k = 0; k < 8; k++) acc[j][b][k] = fmaf(yv, wf[k], acc[j][b][k]);
-                        }
-                    }
-            }
-        }
-        __syncthreads();  // the stage and ysh are free again
-        chain_issue<GLU>(c, t + S - 1, t1, stages + ((t + S - 1 - t0) % S) * c.stage16);
-        cp_commit();
-    }
-    cp_wait<0>();
-    if (!c.bt) return;  // the same for every block of the launch
-    __syncthreads();
-    if (c.ss && tid < B && !(c.skip & 2)) atomicAdd(c.ss + tid, ssl);
-    // this block's sums into shared memory (over the stages), then the cluster's
-    float* part = (float*)stages;
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-        const int u = tid + j * 256;
-        if (u < rn8)
-#pragma unroll
-            for (int b = 0; b < B; b++) {
-                float4* d = (float4*)(part + (size_t)b * c.rn) + 2 * u;
-                d[0] = make_float4(acc[j][b][0], acc[j][b][1], acc[j][b][2], acc[j][b][3]);
-                d[1] = make_float4(acc[j][b][4], acc[j][b][5], acc[j][b][6], acc[j][b][7]);
-            }
-    }
-    cluster_sync();
-    const unsigned rank = cluster_rank(), cn = cluster_size();
-    const int n4 = c.rn >> 2, f0 = rank * n4 / cn, f1 = (rank + 1) * n4 / cn, per = f1 - f0;
-    if (!(c.skip & 3))
-        for (int t = tid; t < B * per; t += blockDim.x) {
-            const int b = t / per, f = f0 + t - b * per;
-            const float* p = part + (size_t)b * c.rn + 4 * f;
-            float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (unsigned q = 0; q < cn; q++) {
-                const float4 v = ld_cluster4(p, q);
-                sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
-            }
-            add4(c.acc + (size_t)b * c.rn + 4 * f, sum);
-        }
-    cluster_sync();  // no block leaves while another still reads its shared memory
-}
-#define CHAIN(B) \
-    extern "C" __global__ void __launch_bounds__(256) chain0_b##B(const Chain c) { chain<B, 0>(c); } \
-    extern "C" __global__ void __launch_bounds__(256) chain1_b##B(const Chain c) { chain<B, 1>(c); } \
-    extern "C" __global__ void __launch_bounds__(256) chain2_b##B(const Chain c) { chain<B, 2>(c); } \
-    extern "C" __global__ void __launch_bounds__(256) chain3_b##B(const Chain c) { chain<B, 3>(c); } \
-    extern "C" __global__ void __launch_bounds__(256) chain4_b##B(const Chain c) { chain<B, 4>(c); }
-CHAIN(1) CHAIN(2) CHAIN(3) CHAIN(4)
 // out (f32) = l (bf16) · mul over n elements.
 extern "C" __global__ void step_logits(const unsigned short* l, float* out, int n, float mul) {
     pdl_launch_next(); pdl_wait();
@@ -603,152 +323,6 @@ struct Bufs {
     out: Tensor,
 }
 
-/// Kernel-side form of a chained launch (must match `CSeg`/`Chain` in STEP_SRC).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CSeg {
-    a: u64,
-    y: u64,
-    rows: i32,
-    k: i32,
-    xoff: i32,
-    first_tile: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Chain {
-    s: [CSeg; 3],
-    x: u64,
-    a2: u64,
-    xss: u64,
-    bt: u64,
-    nw: u64,
-    acc: u64,
-    ss: u64,
-    n: i32,
-    ldx: i32,
-    xn: i32,
-    xeps: f32,
-    mul: f32,
-    tile: i32,
-    tiles: i32,
-    rn: i32,
-    x2off: i32,
-    stage16: i32,
-    /// timing only (`COMPACTOR_CHAIN_SKIP`, wrong logits): 1 no atomics, 2 no B part, 4 no A part
-    skip: i32,
-    pad: i32,
-}
-
-// SAFETY: plain old data with the layout of the kernels' `Chain` parameter.
-unsafe impl cudarc::driver::DeviceRepr for Chain {}
-
-/// What the chained kinds add to one block (see [`Decoder::blocks_chain`]): the B factors of each
-/// group transposed and side by side (rows: the group's input width), and where the group's f32
-/// sums (batch × ranks) and Σ y² (batch, for the norm before it) live in the arena (in f32s).
-struct ChainLayer {
-    bt_qkv: Tensor,
-    bt_gu: Tensor,
-    bt_d: Tensor,
-    qkv: usize,
-    qkv_ss: usize,
-    gu: usize,
-    gu_ss: usize,
-    d: usize,
-}
-
-/// The chained kinds' buffers: per block, [`ChainLayer`]; the f32 arena of every group's sums,
-/// zeroed at the start of each step.
-struct ChainBufs {
-    arena: Tensor,
-    layers: Vec<ChainLayer>,
-}
-
-/// A low-rank layer's A and B addresses, output rows, rank and B-product buffer.
-fn low_rank(l: &Lin) -> crate::Result<(u64, u64, usize, usize, &Tensor)> {
-    match l {
-        Lin::LowRank { a, b, rows, rank, t, .. } => Ok((*a, *b, *rows, *rank, t)),
-        Lin::Dense { .. } => Err(crate::Error::Invalid("chained step: a dense layer".into())),
-    }
-}
-
-/// The chained kinds' buffers for `model`, or `None` unless every product of every block is low
-/// rank (the lm_head may be anything: it runs in the fused kinds).
-fn chain_bufs(model: &Model, layers: &[Layer], batch: usize) -> crate::Result<Option<ChainBufs>> {
-    let candle_core::Device::Cuda(dev) = &model.device else { return Ok(None) };
-    if layers.is_empty() || batch > CHAIN_MAX_BATCH || !pdl_capable(dev) || !layers.iter().all(|l| l.lins.iter().all(|x| matches!(x, Lin::LowRank { .. }))) {
-        return Ok(None);
-    }
-    let bt = |block: &crate::model::Block, roles: &[Role]| -> crate::Result<Tensor> {
-        let mut bs = Vec::with_capacity(roles.len());
-        for &r in roles {
-            match block.linear(r) {
-                Linear::LowRank { b, .. } => bs.push(b.clone()),
-                _ => return Err(crate::Error::Invalid("chained step: a layer is not low rank".into())),
-            }
-        }
-        Ok(Tensor::cat(&bs, 0)?.t()?.contiguous()?)
-    };
-    let pad8 = |n: usize| n.div_ceil(8) * 8;
-    let mut off = 0usize;
-    let mut take = |n: usize| {
-        let at = off;
-        off += pad8(n);
-        at
-    };
-    let mut out = Vec::with_capacity(layers.len());
-    for block in &model.blocks {
-        let (bt_qkv, bt_gu, bt_d) = (bt(block, &[Role::Q, Role::K, Role::V])?, bt(block, &[Role::Gate, Role::Up])?, bt(block, &[Role::Down])?);
-        let (rq, rg, rd) = (bt_qkv.dim(1)?, bt_gu.dim(1)?, bt_d.dim(1)?);
-        if rq.max(rg).max(rd) > CHAIN_MAX_RANK {
-            return Ok(None);
-        }
-        out.push(ChainLayer { qkv: take(batch * rq), qkv_ss: take(batch), gu: take(batch * rg), gu_ss: take(batch), d: take(batch * rd), bt_qkv, bt_gu, bt_d });
-    }
-    let arena = Tensor::zeros(off, DType::F32, &model.device)?;
-    Ok(Some(ChainBufs { arena, layers: out }))
-}
-
-/// A setting read once from the environment (`default` unless set to a positive number).
-fn env_count(var: &'static str, cell: &'static std::sync::OnceLock<usize>, default: usize) -> usize {
-    *cell.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&t| t > 0).unwrap_or(default))
-}
-
-/// Shared memory a chained launch aims at per block: `COMPACTOR_CHAIN_SMEM` KiB (200 unless set).
-fn chain_smem() -> usize {
-    static SMEM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    env_count("COMPACTOR_CHAIN_SMEM", &SMEM, 200) * 1024
-}
-
-/// Blocks per SM of a chained launch: `COMPACTOR_CHAIN_PER_SM` (1 unless set).
-fn chain_per_sm() -> usize {
-    static PER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    env_count("COMPACTOR_CHAIN_PER_SM", &PER, 1)
-}
-
-/// Blocks per thread-block cluster of a chained launch with a B part: `COMPACTOR_CHAIN_CLUSTER`
-/// (8 unless set, the portable maximum; 1: no clusters, every block adds its own sums).
-fn chain_cluster() -> usize {
-    static CLUSTER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    env_count("COMPACTOR_CHAIN_CLUSTER", &CLUSTER, 8).min(8)
-}
-
-/// Largest rank of a B part the chained kinds take (each thread keeps two 8-column chunks).
-const CHAIN_MAX_RANK: usize = 4096;
-
-/// Batch sizes the chained kinds are compiled for.
-const CHAIN_MAX_BATCH: usize = 4;
-
-/// Stages of a chained launch's weight pipeline (`CHAIN_STAGES` in STEP_SRC).
-const CHAIN_STAGES: usize = 6;
-
-/// `COMPACTOR_CHAIN_SKIP` (timing only: bits 1 no atomics, 2 no B part, 4 no A part; 0 unless set).
-fn chain_skip() -> i32 {
-    static SKIP: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var("COMPACTOR_CHAIN_SKIP").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
-}
-
 /// Greedy-decoding steps of one batch of sequences as a replayed CUDA graph (see the module doc).
 pub struct Decoder {
     dev: candle_core::cuda::CudaDevice,
@@ -761,8 +335,6 @@ pub struct Decoder {
     mode: u8,
     /// the fused kinds run the step (norms, residual adds and silu·up inside the products)
     fused: bool,
-    /// the chained kinds run the blocks (every product low rank; see [`Decoder::blocks_chain`])
-    chain: Option<ChainBufs>,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -846,7 +418,6 @@ impl Switch {
 
 static STEP_GRAPH: Switch = Switch::new("COMPACTOR_STEP_GRAPH");
 static STEP_FUSE: Switch = Switch::new("COMPACTOR_STEP_FUSE");
-static STEP_CHAIN: Switch = Switch::new("COMPACTOR_STEP_CHAIN");
 
 /// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
 pub fn enabled() -> bool {
@@ -867,17 +438,6 @@ pub fn fuse_enabled() -> bool {
 /// Turns the fused kinds on or off for later decoders.
 pub fn set_fuse_enabled(on: bool) {
     STEP_FUSE.set(on)
-}
-
-/// Whether later decoders of all-low-rank models may chain their products (the fused kinds must
-/// be on too; `COMPACTOR_STEP_CHAIN=0` turns it off).
-pub fn chain_enabled() -> bool {
-    STEP_CHAIN.get()
-}
-
-/// Turns the chained kinds on or off for later decoders.
-pub fn set_chain_enabled(on: bool) {
-    STEP_CHAIN.set(on)
 }
 
 impl Decoder {
@@ -953,7 +513,6 @@ impl Decoder {
             crate::gpu::cublas_workspace(dev)?;
         }
         let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
-        let chain = if fused && chain_enabled() { chain_bufs(model, &layers, batch)? } else { None };
         Ok(Some(Decoder {
             dev: dev.clone(),
             batch,
@@ -964,7 +523,6 @@ impl Decoder {
             bufs,
             mode,
             fused,
-            chain,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
@@ -974,11 +532,6 @@ impl Decoder {
     /// Whether the step runs the fused product kinds (see [`Decoder::blocks_fused`]).
     pub fn fused(&self) -> bool {
         self.fused
-    }
-
-    /// Whether the step chains its products (see [`Decoder::blocks_chain`]).
-    pub fn chained(&self) -> bool {
-        self.chain.is_some()
     }
 
     /// Positions filled so far.
@@ -1156,15 +709,8 @@ impl Decoder {
 
     /// Issues one step on the stream (captured into the graph once, see [`Decoder::step`]).
     fn issue(&self) -> crate::Result<()> {
-        if let Some(ch) = &self.chain {
-            let bytes = ch.arena.elem_count() * 4;
-            // SAFETY: the arena is `bytes` long on this device; the stream orders the memset.
-            unsafe { cudarc::driver::result::memset_d8_async(tensor_addr(&ch.arena)?, 0, bytes, self.dev.cuda_stream().cu_stream()) }.map_err(ce("zeroing the chained sums"))?;
-        }
         self.embed()?;
-        if let Some(ch) = &self.chain {
-            self.blocks_chain(ch)?;
-        } else if self.fused {
+        if self.fused {
             self.blocks_fused()?;
         } else {
             self.blocks()?;
@@ -1191,113 +737,6 @@ impl Decoder {
             products(&[&ls[3]], att, &[x], None, res)?;
             products(&[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu)?;
             products(&[&ls[6]], act, &[x], None, res)?;
-        }
-        if !self.skips("head") {
-            self.fused_products(&[&self.lm_head], x, &[a(&b.logits)?], Some((a(&model.norm)?, eps)), Out::Store)?;
-        }
-        Ok(())
-    }
-
-    /// One chained launch of kind `mode` (see `chain` in STEP_SRC): `c` with its A segments (a, y,
-    /// rows, k, offset of the segment's input in a row of x) cut into tiles (mode 0: one segment,
-    /// the rows of x itself, k = 0). About one block per SM; with a B part, in clusters.
-    fn chain_launch(&self, mode: u8, mut c: Chain, segs: &[(u64, u64, usize, usize, usize)]) -> crate::Result<()> {
-        use cudarc::driver::sys;
-        let batch = self.batch;
-        let pair = if mode == 3 { 2 } else { 1 };
-        let (k8, rn8) = (segs.iter().map(|s| s.3).max().unwrap_or(0) / 8, c.rn as usize / 8);
-        let xs = if mode == 0 { 0 } else { batch * c.ldx as usize * 4 };
-        let need = |tile: usize| xs + (CHAIN_STAGES * tile * (k8 * pair + rn8) * 16).max(batch * c.rn as usize * 4);
-        let mut tile = 8;
-        while tile > 1 && need(tile) > chain_smem() {
-            tile /= 2;
-        }
-        let smem = need(tile);
-        let mut tiles = 0usize;
-        for (cs, &(a, y, rows, k, xoff)) in c.s.iter_mut().zip(segs) {
-            *cs = CSeg { a, y, rows: rows as i32, k: k as i32, xoff: xoff as i32, first_tile: tiles as i32 };
-            tiles += rows.div_ceil(tile);
-        }
-        (c.tile, c.tiles, c.stage16, c.skip) = (tile as i32, tiles as i32, (tile * (k8 * pair + rn8)) as i32, chain_skip());
-        let func = kernel(&self.dev, &format!("chain{mode}_b{batch}"))?;
-        func.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(ce("chained kernel: shared memory"))?;
-        let sms = self.dev.cuda_stream().context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("SM count"))? as usize;
-        let cluster = if c.bt != 0 { chain_cluster() } else { 1 };
-        // as many whole clusters as the GPU holds at once, up to `chain_per_sm` blocks per SM
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attr.value.clusterDim.x = cluster as u32;
-        attr.value.clusterDim.y = 1;
-        attr.value.clusterDim.z = 1;
-        let want = (sms * chain_per_sm()) / cluster * cluster;
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: want as u32,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: 256,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: smem as u32,
-            hStream: self.dev.cuda_stream().cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let mut fit = 0i32;
-        // SAFETY: `cfg` describes a launch of `func` (not made).
-        unsafe { sys::cuOccupancyMaxActiveClusters(&mut fit, func.cu_function(), &cfg) }.result().map_err(ce("chained kernel: occupancy"))?;
-        let grid = want.min(fit.max(1) as usize * cluster);
-        let mut params = [&c as *const Chain as *mut c_void];
-        // SAFETY: `c` has the layout of the kernels' `Chain` parameter.
-        unsafe { launch_raw_cluster(&self.dev, &func, grid as u32, cluster as u32, 256, smem as u32, &mut params) }?;
-        Ok(())
-    }
-
-    /// The blocks of an all-low-rank model in the chained kinds, 6 launches per block against the
-    /// fused kinds' 9: each A-factor launch also does the next group's B product, split over its
-    /// output rows (see `chain` in STEP_SRC):
-    ///
-    /// ```text
-    /// (x ⊙ norm) B_qkvᵀ ─► A_qkv ─► attention ─► B_o ─► A_o, x += ·, (x ⊙ norm) B_guᵀ
-    ///   ─► A_gu, silu·up, · B_downᵀ ─► A_down, x += ·, (x ⊙ next norm) B_qkvᵀ of the next block ─► …
-    /// ```
-    ///
-    /// The B products leave f32 sums (and Σ x² for the norms) in an arena zeroed at the start of
-    /// the step; their consumers scale and round them as candle rounds the bf16 product.
-    fn blocks_chain(&self, ch: &ChainBufs) -> crate::Result<()> {
-        let b = &self.bufs;
-        let a = |t: &Tensor| tensor_addr(t);
-        let (x, q, k, v, att) = (a(&b.x)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?);
-        let (model, cfg) = (&self.model, &self.model.cfg);
-        let (mul, eps) = (bf16_factor(cfg.residual_multiplier), cfg.rms_norm_eps as f32);
-        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let arena = a(&ch.arena)?;
-        let at = |off: usize| arena + 4 * off as u64;
-        let qkv_sums = |l: usize| -> crate::Result<(u64, i32, u64, u64, u64)> {
-            let cl = &ch.layers[l];
-            Ok((a(&cl.bt_qkv)?, cl.bt_qkv.dim(1)? as i32, a(&model.blocks[l].input_norm)?, at(cl.qkv), at(cl.qkv_ss)))
-        };
-        let (bt, rn, nw, acc, ss) = qkv_sums(0)?;
-        self.chain_launch(0, Chain { x, ldx: h as i32, bt, rn, nw, acc, ss, ..Default::default() }, &[(0, 0, h, 0, 0)])?;
-        for (l, (layer, block)) in self.layers.iter().zip(&model.blocks).enumerate() {
-            let (cl, ls) = (&ch.layers[l], &layer.lins);
-            let [lq, lk, lv, lo, lg, lu, ld] = [0, 1, 2, 3, 4, 5, 6].map(|i| low_rank(&ls[i]));
-            let ((aq, _, rows_q, rq, _), (ak, _, rows_k, rk, _), (av, _, rows_v, rv, _)) = (lq?, lk?, lv?);
-            let ((ao, bo, _, ro, to), (ag, _, _, rg, _), (au, _, _, _, _), (ad, _, _, rd, _)) = (lo?, lg?, lu?, ld?);
-            let c = Chain { n: 3, x: at(cl.qkv), ldx: (rq + rk + rv) as i32, xss: at(cl.qkv_ss), xn: h as i32, xeps: eps, ..Default::default() };
-            self.chain_launch(1, c, &[(aq, q, rows_q, rq, 0), (ak, k, rows_k, rk, rq), (av, v, rows_v, rv, rq + rk)])?;
-            self.attend(layer)?;
-            let to = a(to)?;
-            let width = cfg.num_attention_heads * cfg.head_dim;
-            launch_fused(&self.dev, self.batch, &[Product { w: bo, x: att, y: to, rows: ro, cols: width, ldx: width }], &[], None, Out::Store)?;
-            let c = Chain { n: 1, x: to, ldx: ro as i32, mul, bt: a(&cl.bt_gu)?, rn: 2 * rg as i32, nw: a(&block.post_norm)?, acc: at(cl.gu), ss: at(cl.gu_ss), ..Default::default() };
-            self.chain_launch(2, c, &[(ao, x, h, ro, 0)])?;
-            let c = Chain { n: 1, x: at(cl.gu), ldx: 2 * rg as i32, xss: at(cl.gu_ss), xn: h as i32, xeps: eps, a2: au, x2off: rg as i32, bt: a(&cl.bt_d)?, rn: rd as i32, acc: at(cl.d), ..Default::default() };
-            self.chain_launch(3, c, &[(ag, 0, inter, rg, 0)])?;
-            let mut c = Chain { n: 1, x: at(cl.d), ldx: rd as i32, mul, ..Default::default() };
-            if l + 1 < self.layers.len() {
-                (c.bt, c.rn, c.nw, c.acc, c.ss) = qkv_sums(l + 1)?;
-            }
-            self.chain_launch(4, c, &[(ad, x, h, rd, 0)])?;
         }
         if !self.skips("head") {
             self.fused_products(&[&self.lm_head], x, &[a(&b.logits)?], Some((a(&model.norm)?, eps)), Out::Store)?;
