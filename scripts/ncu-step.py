@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Aggregates an Nsight Compute CSV (`ncu --csv --page raw`) of one decode step's kernels: per
 kernel name the launches, the summed isolated duration, DRAM bytes read and the bandwidth, the
-registers and the achieved occupancy; then the step's summed duration. Usage: ncu-step.py CSV
-(a benchmark diagnostic for scripts/gpu-run.sh)."""
+registers and the achieved occupancy; then the step's summed duration. Usage: ncu-step.py CSV [N]
+(a benchmark diagnostic for scripts/gpu-run.sh). With N, also the first N launches one by one."""
 import csv, sys
 from collections import defaultdict
 
@@ -13,7 +13,8 @@ data = [r for r in rows[head + 2:] if len(r) == len(cols)]
 units = rows[head + 1]
 ix = {c: i for i, c in enumerate(cols)}
 # the row under the names gives each metric's unit: scale durations to ns and sizes to bytes
-SCALE = {"nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9, "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+SCALE = {"nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9, "ns": 1, "us": 1e3, "ms": 1e6, "s": 1e9,
+         "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 def num(r, c):
     try:
         return float(r[ix[c]].replace(",", "")) * SCALE.get(units[ix[c]], 1)
@@ -32,3 +33,9 @@ print(f"{len(data)} kernels, summed isolated duration {tot_t/1e3:.1f} us, DRAM r
 print(f"{'kernel':<14}{'n':>5}{'total us':>10}{'mean us':>9}{'GB':>8}{'GB/s':>7}{'regs':>6}{'occ %':>7}{'blocks':>8}")
 for n, (c, t, b, reg, occ, grid) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
     print(f"{n:<14}{c:>5}{t/1e3:>10.1f}{t/c/1e3:>9.2f}{b/1e9:>8.3f}{b/max(t,1):>7.0f}{reg:>6.0f}{occ/c:>7.1f}{grid/c:>8.0f}")
+if len(sys.argv) > 2:  # the first N launches one by one (a block's kernels in order)
+    print(f"{'#':>3} {'kernel':<14}{'us':>8}{'MB':>9}{'GB/s':>7}{'regs':>6}{'occ %':>7}{'blocks':>8}")
+    for i, r in enumerate(data[: int(sys.argv[2])]):
+        t, b = num(r, "gpu__time_duration.sum"), num(r, "dram__bytes_read.sum")
+        print(f"{i:>3} {r[ix['Kernel Name']]:<14}{t/1e3:>8.2f}{b/1e6:>9.2f}{b/max(t,1):>7.0f}{num(r, 'launch__registers_per_thread'):>6.0f}"
+              f"{num(r, 'sm__warps_active.avg.pct_of_peak_sustained_active'):>7.1f}{num(r, 'launch__grid_size'):>8.0f}")
