@@ -124,38 +124,16 @@ extern "C" __global__ void step_add_norm(unsigned short* x, const unsigned short
 // cached keys and values — and the rotation angles are loaded before waiting for the products
 // (thread t holds cached key t when hd ≤ 128; each thread its first 8 value chunks).
 // Grid: (nh, b); 256 threads; dynamic shared memory: max_t floats; hd % 8 == 0, hd ≤ 256.
-// With BO (step_attend_bo), the o product's B factor joins in: grid (nh, b · splits); block
-// (h, b, split) streams its slice of B_o's rows (the columns of head h, into shared memory with
-// cp.async before waiting), computes the head's attention (split 0 alone writes the caches), and
-// adds its share of t = att B_oᵀ into f32 sums with atomics; the last block of the launch rounds
-// the sums into t (bf16) and zeroes them and the counter for the next layer — so the o product
-// needs only its A factor's launch.
-struct AttBo { const unsigned short* w; float* acc; unsigned short* t; unsigned* counter; int ldw; int rank; int splits; int pad; };
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
-}
-template <bool BO>
-__device__ void attend(const unsigned* meta, const unsigned short* q, const unsigned short* k, const unsigned short* v,
-                       unsigned short* kc, unsigned short* vc, const float* inv_freq, unsigned short* y,
-                       int nh, int nkv, int hd, int max_t, float scale, const AttBo& o) {
+extern "C" __global__ void step_attend(const unsigned* meta, const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                       unsigned short* kc, unsigned short* vc, const float* inv_freq, unsigned short* y,
+                                       int nh, int nkv, int hd, int max_t, float scale) {
     extern __shared__ float sc[];
     __shared__ float qs[256];
     __shared__ float kn[256];
     __shared__ float part[8 * 256];
     __shared__ float red[32];
-    __shared__ unsigned last;
     pdl_launch_next();
-    const int h = blockIdx.x, b = BO ? blockIdx.y / o.splits : blockIdx.y, sp = BO ? blockIdx.y % o.splits : 0;
-    const int group = nh / nkv, kvh = h / group;
-    const int j0 = BO ? sp * o.rank / o.splits : 0, nr = BO ? (sp + 1) * o.rank / o.splits - j0 : 0;
-    uint4* bsl = (uint4*)(sc + ((max_t + 3) & ~3));  // B_o's slice: nr rows of hd columns
-    if (BO) {
-        const uint4* w = (const uint4*)(o.w + (size_t)j0 * o.ldw + (size_t)h * hd);
-        const int c8w = hd >> 3, ldw8 = o.ldw >> 3;
-        for (int i = threadIdx.x; i < nr * c8w; i += blockDim.x) cp16(bsl + i, w + (size_t)(i / c8w) * ldw8 + i % c8w);
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    }
+    const int h = blockIdx.x, b = blockIdx.y, group = nh / nkv, kvh = h / group;
     const int pos = meta[0], t_len = pos + 1, half = hd >> 1, c8 = hd >> 3;
     unsigned short* kb = kc + ((size_t)b * nkv + kvh) * max_t * hd;
     unsigned short* vb = vc + ((size_t)b * nkv + kvh) * max_t * hd;
@@ -181,7 +159,7 @@ __device__ void attend(const unsigned* meta, const unsigned short* q, const unsi
     const unsigned short* qr = q + ((size_t)b * nh + h) * hd;
     const unsigned short* kr = k + ((size_t)b * nkv + kvh) * hd;
     const unsigned short* vr = v + ((size_t)b * nkv + kvh) * hd;
-    const bool writer = h % group == 0 && sp == 0;
+    const bool writer = h % group == 0;
     float self_dot = 0.f;  // this thread's share of the new position's score q·k
     if (threadIdx.x < half) {
         const int i = threadIdx.x;
@@ -273,51 +251,10 @@ __device__ void attend(const unsigned* meta, const unsigned short* q, const unsi
     }
     __syncthreads();
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
-        float a = 0.f;
-        for (int gg = 0; gg < groups; gg++) a += part[gg * hd + e];
-        if (BO) qs[e] = rbf(a);  // the head's output as the bf16 att would hold it
-        else y[((size_t)b * nh + h) * hd + e] = to_bf16(a);
+        float o = 0.f;
+        for (int gg = 0; gg < groups; gg++) o += part[gg * hd + e];
+        y[((size_t)b * nh + h) * hd + e] = to_bf16(o);
     }
-    if (!BO) return;
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    __syncthreads();
-    // c8 consecutive lanes share a row of the slice (c8 = 8, 16 or 32)
-    const int lane = threadIdx.x & 31, tot = nr * c8;
-    for (int base = (threadIdx.x >> 5) * 32; base < tot; base += blockDim.x) {
-        const int i = base + lane, row = i / c8, cc = i - row * c8;
-        float p = 0.f;
-        if (i < tot) {
-            float f[8];
-            unpack8(bsl[i], f);
-#pragma unroll
-            for (int e = 0; e < 8; e++) p = fmaf(f[e], qs[cc * 8 + e], p);
-        }
-        for (int off = c8 >> 1; off > 0; off >>= 1) p += __shfl_xor_sync(0xffffffffu, p, off);
-        if (i < tot && cc == 0) atomicAdd(o.acc + (size_t)b * o.rank + j0 + row, p);
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(o.counter, 1u) == gridDim.x * gridDim.y - 1;
-    __syncthreads();
-    if (last) {
-        __threadfence();
-        const int n = gridDim.y / o.splits * o.rank;
-        for (int j = threadIdx.x; j < n; j += blockDim.x) {
-            o.t[j] = to_bf16(__ldcg(o.acc + j));
-            o.acc[j] = 0.f;
-        }
-        if (threadIdx.x == 0) *o.counter = 0u;
-    }
-}
-extern "C" __global__ void step_attend(const unsigned* meta, const unsigned short* q, const unsigned short* k, const unsigned short* v,
-                                       unsigned short* kc, unsigned short* vc, const float* inv_freq, unsigned short* y,
-                                       int nh, int nkv, int hd, int max_t, float scale) {
-    attend<false>(meta, q, k, v, kc, vc, inv_freq, y, nh, nkv, hd, max_t, scale, AttBo{});
-}
-extern "C" __global__ void step_attend_bo(const unsigned* meta, const unsigned short* q, const unsigned short* k, const unsigned short* v,
-                                          unsigned short* kc, unsigned short* vc, const float* inv_freq,
-                                          int nh, int nkv, int hd, int max_t, float scale, const AttBo o) {
-    attend<true>(meta, q, k, v, kc, vc, inv_freq, nullptr, nh, nkv, hd, max_t, scale, o);
 }
 // a = silu(g) ⊙ u over n8 chunks of 8 (silu rounded to bf16 first, as candle does).
 extern "C" __global__ void step_silu_mul(const unsigned short* g, const unsigned short* u, unsigned short* a, int n8) {
@@ -349,17 +286,6 @@ enum Arg {
     P(u64),
     I(i32),
     F(f32),
-}
-
-/// Kernel parameters: the address of each argument's value (valid while `args` lives).
-fn arg_ptrs(args: &[Arg]) -> Vec<*mut c_void> {
-    args.iter()
-        .map(|a| match a {
-            Arg::P(v) => v as *const u64 as *mut c_void,
-            Arg::I(v) => v as *const i32 as *mut c_void,
-            Arg::F(v) => v as *const f32 as *mut c_void,
-        })
-        .collect()
 }
 
 /// A linear layer as the step runs it: W, or A·B with the B product into `t` first.
@@ -409,9 +335,6 @@ pub struct Decoder {
     mode: u8,
     /// the fused kinds run the step (norms, residual adds and silu·up inside the products)
     fused: bool,
-    /// with the fused kinds, the f32 sums (batch × largest o rank) and launch counter through which
-    /// attention does a low-rank o layer's B product (see `attend` in STEP_SRC); zero between launches
-    bo: Option<(Tensor, Tensor)>,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -495,7 +418,6 @@ impl Switch {
 
 static STEP_GRAPH: Switch = Switch::new("COMPACTOR_STEP_GRAPH");
 static STEP_FUSE: Switch = Switch::new("COMPACTOR_STEP_FUSE");
-static STEP_ATTN_BO: Switch = Switch::new("COMPACTOR_STEP_ATTN_BO");
 
 /// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
 pub fn enabled() -> bool {
@@ -516,17 +438,6 @@ pub fn fuse_enabled() -> bool {
 /// Turns the fused kinds on or off for later decoders.
 pub fn set_fuse_enabled(on: bool) {
     STEP_FUSE.set(on)
-}
-
-/// Whether later fused decoders let attention do low-rank o layers' B products
-/// (`COMPACTOR_STEP_ATTN_BO=0` turns it off).
-pub fn attn_bo_enabled() -> bool {
-    STEP_ATTN_BO.get()
-}
-
-/// Turns attention's B products on or off for later decoders.
-pub fn set_attn_bo_enabled(on: bool) {
-    STEP_ATTN_BO.set(on)
 }
 
 impl Decoder {
@@ -602,11 +513,6 @@ impl Decoder {
             crate::gpu::cublas_workspace(dev)?;
         }
         let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
-        let o_rank = layers.iter().filter_map(|l| if let Lin::LowRank { rank, .. } = &l.lins[3] { Some(*rank) } else { None }).max();
-        let bo = match o_rank {
-            Some(r) if fused && attn_bo_enabled() && matches!(hd, 64 | 128 | 256) => Some((Tensor::zeros((batch, r), DType::F32, device)?, Tensor::zeros(1, DType::U32, device)?)),
-            _ => None,
-        };
         Ok(Some(Decoder {
             dev: dev.clone(),
             batch,
@@ -617,7 +523,6 @@ impl Decoder {
             bufs,
             mode,
             fused,
-            bo,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
@@ -679,7 +584,14 @@ impl Decoder {
 
     fn launch(&self, name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) -> crate::Result<()> {
         let func = kernel(&self.dev, name)?;
-        let mut params = arg_ptrs(args);
+        let mut params: Vec<*mut c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::P(v) => v as *const u64 as *mut c_void,
+                Arg::I(v) => v as *const i32 as *mut c_void,
+                Arg::F(v) => v as *const f32 as *mut c_void,
+            })
+            .collect();
         // SAFETY: each call below lists the arguments of its kernel in STEP_SRC.
         unsafe { launch_raw(&self.dev, &func, grid, block, shared, &mut params, true) }?;
         Ok(())
@@ -786,55 +698,6 @@ impl Decoder {
         self.launch("step_attend", (nh as u32, self.batch as u32), 256, (self.max_len * 4) as u32, &args)
     }
 
-    /// Attention of `layer` and the B product of its low-rank o layer (`w`: B_o, `rank` rows, into
-    /// `t`) in one launch: (heads, batch × splits) blocks, about one per SM, each with a slice of
-    /// B_o's rows.
-    fn attend_bo(&self, layer: &Layer, (acc, counter): &(Tensor, Tensor), w: u64, rank: usize, t: &Tensor) -> crate::Result<()> {
-        use Arg::{F, I, P};
-        let (b, cfg) = (&self.bufs, &self.model.cfg);
-        let a = |t: &Tensor| tensor_addr(t);
-        let (nh, hd) = (cfg.num_attention_heads, cfg.head_dim);
-        // one wave: the attention blocks are register-heavy (one per SM)
-        let sms = self.dev.cuda_stream().context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("SM count"))? as usize;
-        let splits = std::env::var("COMPACTOR_BO_SPLITS").ok().and_then(|v| v.parse().ok()).unwrap_or(sms / (nh * self.batch)).clamp(1, rank);
-        let shared = self.max_len.div_ceil(4) * 16 + rank.div_ceil(splits) * hd * 2;
-        let func = kernel(&self.dev, "step_attend_bo")?;
-        func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).map_err(ce("attention kernel: shared memory"))?;
-        #[repr(C)]
-        struct AttBo {
-            w: u64,
-            acc: u64,
-            t: u64,
-            counter: u64,
-            ldw: i32,
-            rank: i32,
-            splits: i32,
-            pad: i32,
-        }
-        // SAFETY: plain old data with the layout of the kernel's `AttBo` parameter.
-        unsafe impl cudarc::driver::DeviceRepr for AttBo {}
-        let o = AttBo { w, acc: a(acc)?, t: a(t)?, counter: a(counter)?, ldw: (nh * hd) as i32, rank: rank as i32, splits: splits as i32, pad: 0 };
-        let args = [
-            P(a(&b.meta)?),
-            P(a(&b.q)?),
-            P(a(&b.k)?),
-            P(a(&b.v)?),
-            P(a(&layer.kc)?),
-            P(a(&layer.vc)?),
-            P(a(&b.inv_freq)?),
-            I(nh as i32),
-            I(cfg.num_key_value_heads as i32),
-            I(hd as i32),
-            I(self.max_len as i32),
-            F(cfg.attention_scale as f32),
-        ];
-        let mut params = arg_ptrs(&args);
-        params.push(&o as *const AttBo as *mut c_void);
-        // SAFETY: the arguments of `step_attend_bo` in STEP_SRC, in order.
-        unsafe { launch_raw(&self.dev, &func, (nh as u32, (self.batch * splits) as u32), 256, shared as u32, &mut params, true) }?;
-        Ok(())
-    }
-
     /// out (f32) = logits ÷ logits_scaling.
     fn logits(&self) -> crate::Result<()> {
         use Arg::{F, I, P};
@@ -870,17 +733,8 @@ impl Decoder {
         for (layer, block) in self.layers.iter().zip(&model.blocks) {
             let ls = &layer.lins;
             products(&[&ls[0], &ls[1], &ls[2]], x, &[q, k, v], Some((a(&block.input_norm)?, eps)), Out::Store)?;
-            match (&self.bo, &ls[3]) {
-                (Some(bo), Lin::LowRank { a: ao, b: bo_w, rows, rank, t, .. }) if !self.skips("attend") && !self.skips("products") => {
-                    self.attend_bo(layer, bo, *bo_w, *rank, t)?;
-                    let p = Product { w: *ao, x: tensor_addr(t)?, y: x, rows: *rows, cols: *rank, ldx: *rank };
-                    launch_fused(&self.dev, self.batch, &[p], &[], None, res)?;
-                }
-                _ => {
-                    self.attend(layer)?;
-                    products(&[&ls[3]], att, &[x], None, res)?;
-                }
-            }
+            self.attend(layer)?;
+            products(&[&ls[3]], att, &[x], None, res)?;
             products(&[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu)?;
             products(&[&ls[6]], act, &[x], None, res)?;
         }
