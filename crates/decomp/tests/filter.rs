@@ -9,7 +9,9 @@ use safetensors::SafeTensors;
 use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/granite-tiny/model.safetensors")
+    // cargo sets CARGO_MANIFEST_DIR when it runs the test too: the checkout the test runs in, even
+    // when the binary was built in another one sharing the target directory
+    std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))).join("../../../shared/fixtures/granite-tiny/model.safetensors")
 }
 
 /// Gram of the smaller side of a row-major m × n matrix, row-major.
