@@ -8,7 +8,8 @@
 #     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
-#     spectra2 (spectra: two-stage band 8 / 16 against syevd), spectra_env / plan_env (spectra
+#     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode under each of
+#     DECODE_ENVS), spectra_env / plan_env (spectra
 #     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), warm (one small GPU run first), ncu_step
 #     (Nsight Compute on one decode step's kernels))
 set -uo pipefail
@@ -211,6 +212,14 @@ if runs:
         same = all(l["ranks"] == base[l["name"]]["ranks"] for l in m["layers"])
         print(f"{sys.argv[2]} config {i}: {len(e)} matrices, mean rel_error {sum(e)/len(e):.6f}, vs config 0: max {max(d):+.2e} min {min(d):+.2e}, same ranks {same}, compress {m['notes']['compress_seconds']:.1f} s")
 PY
+}
+# decode_env: batch-1 decode (fused step graph) of the dense and svd models under each of
+# DECODE_ENVS (as ENVS), interleaved, e.g. DECODE_ENVS="- COMPACTOR_GEMV_DEFINES=GEMV_MINB=6 -"
+decode_env() {
+for cfg in ${DECODE_ENVS:--}; do
+  echo "decode with ${cfg}"
+  env $(vars "$cfg") timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch ${DECODE_BATCH:-1} --paths ${PATHS:-fused} 2>/dev/null | grep -E "^/tmp"
+done
 }
 # the first GPU process on a fresh machine is slower (driver JIT cache): one small run first
 warm() {

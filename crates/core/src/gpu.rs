@@ -45,6 +45,23 @@ pub(crate) fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_cor
     move |e| candle_core::Error::Msg(format!("{what}: {e:?}"))
 }
 
+/// The first `len` elements of a custom op's contiguous input, copied into a new buffer of
+/// `len + extra` elements on the input's stream (the solvers work in place and must leave the
+/// input alone); the `extra` tail (room for eigenvalues, say) is zeroed.
+pub(crate) fn input_copy<T>(s: &CudaStorage, l: &Layout, len: usize, extra: usize) -> CResult<cudarc::driver::CudaSlice<T>>
+where
+    T: candle_core::cuda::CudaDType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+{
+    let stream = s.device().cuda_stream();
+    let src = s.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len);
+    let mut a = unsafe { stream.alloc::<T>(len + extra) }.map_err(ce("alloc"))?;
+    stream.memcpy_dtod(&src, &mut a.slice_mut(0..len)).map_err(ce("copy"))?;
+    if extra > 0 {
+        stream.memset_zeros(&mut a.slice_mut(len..len + extra)).map_err(ce("memset"))?;
+    }
+    Ok(a)
+}
+
 /// Phase timing of the GPU fits (`COMPACTOR_GPU_TIMING=1`): each [`lap`] syncs the stream and
 /// adds the time since the previous lap of this thread to a phase; [`for_each_ordered`] prints
 /// the sums (over all streams) at the end.
@@ -124,9 +141,7 @@ impl CustomOp1 for Eigh {
         }
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n * n);
-        let mut out = stream.alloc_zeros::<f32>((n + 1) * n).map_err(ce("alloc"))?;
-        stream.memcpy_dtod(&src, &mut out.slice_mut(0..n * n)).map_err(ce("copy"))?;
+        let mut out = input_copy::<f32>(s, l, n * n, n)?;
         let h = solver(&stream)?;
         let jobz = if self.vectors { cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR } else { cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_NOVECTOR };
         let uplo = cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
@@ -193,11 +208,8 @@ impl CustomOp1 for SyevBatched {
         }
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + k * n * n);
         // with vectors the values follow the vectors in one buffer, the op's output
-        let extra = if self.vectors { k * n } else { 0 };
-        let mut a = unsafe { stream.alloc::<f32>(k * n * n + extra) }.map_err(ce("alloc"))?;
-        stream.memcpy_dtod(&src, &mut a.slice_mut(0..k * n * n)).map_err(ce("copy"))?;
+        let mut a = input_copy::<f32>(s, l, k * n * n, if self.vectors { k * n } else { 0 })?;
         let mut w = unsafe { stream.alloc::<f32>(if self.vectors { 1 } else { k * n }) }.map_err(ce("alloc"))?;
         let mut info = stream.alloc_zeros::<i32>(k).map_err(ce("alloc"))?;
         let h = solver(&stream)?;
@@ -684,6 +696,17 @@ pub fn single_stream(dev: &candle_core::Device) {
 // decode GEMV
 
 const GEMV_SRC: &str = r#"
+// Tuning knobs, set at compile time (`COMPACTOR_GEMV_DEFINES`, e.g. "GEMV_P=8:GEMV_MINB=6"):
+// GEMV_P column chunks per lane loaded before the PDL wait; GEMV_MINB blocks per SM the
+// compiler must fit (a register cap, so that the next launch's blocks fit beside this one's).
+#ifndef GEMV_P
+#define GEMV_P 4
+#endif
+#ifdef GEMV_MINB
+#define GEMV_LB __launch_bounds__(256, GEMV_MINB)
+#else
+#define GEMV_LB
+#endif
 __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
     f[0] = __uint_as_float(v.x << 16); f[1] = __uint_as_float(v.x & 0xffff0000u);
     f[2] = __uint_as_float(v.y << 16); f[3] = __uint_as_float(v.y & 0xffff0000u);
@@ -822,7 +845,7 @@ __device__ void gemv(const Seg& s, int blk) {
         xr[r] = (const uint4*)(SEPX && r == 1 ? s.x2 : s.x);
     }
     // the first P column chunks of this warp's rows, loaded before waiting for x
-    constexpr int P = 4;
+    constexpr int P = GEMV_P;
     const int v0 = part * 32 + lane, stride = 32 * split;
     uint4 pre[P][R];
 #pragma unroll
@@ -960,7 +983,7 @@ __device__ void gemv_tc(const Seg& s, int blk, int batch) {
 extern "C" __global__ void gemv_tc8(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<1>(s, blk, g.batch); }
 extern "C" __global__ void gemv_tc16(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<2>(s, blk, g.batch); }
 #define GEMVK(NAME, B, R, NORM, OUT) \
-    extern "C" __global__ void NAME##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT>(s, blk); }
+    extern "C" __global__ void GEMV_LB NAME##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT>(s, blk); }
 #define GEMV(B, R) GEMVK(gemv_b, B, R, false, 0)
 GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
 GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
@@ -1004,7 +1027,13 @@ fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
     PTX.get_or_init(|| {
         let arch = if pdl_capable(dev) { "compute_90" } else { "compute_80" };
         let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
-        let src = format!("{GEMV_SRC}{}", crate::gpu_step::STEP_SRC);
+        let defines: String = std::env::var("COMPACTOR_GEMV_DEFINES")
+            .unwrap_or_default()
+            .split(|c: char| c.is_whitespace() || c == ':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
+            .collect();
+        let src = format!("{defines}{GEMV_SRC}{}", crate::gpu_step::STEP_SRC);
         cudarc::nvrtc::compile_ptx_with_opts(src, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()

@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use cudarc::cublas::sys as cb;
 use cudarc::driver::DevicePtrMut;
 
-use crate::gpu::{arg, ce, launch_raw};
+use crate::gpu::{arg, ce, input_copy, launch_raw};
 use std::sync::OnceLock;
 
 type CResult<T> = candle_core::Result<T>;
@@ -225,9 +225,7 @@ impl CustomOp1 for BandReduce {
         }
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n * n);
-        let mut a = unsafe { stream.alloc::<f32>(n * n) }.map_err(ce("alloc"))?;
-        stream.memcpy_dtod(&src, &mut a).map_err(ce("copy"))?;
+        let mut a = input_copy::<f32>(s, l, n * n, 0)?;
         // V, X1, X (n × b each), T, U, S (b × b each)
         let mut ws = stream.alloc_zeros::<f32>(3 * n * b + 3 * b * b).map_err(ce("alloc"))?;
         let mut out = unsafe { stream.alloc::<f32>(n * (b + 1)) }.map_err(ce("alloc"))?;

@@ -19,7 +19,7 @@ use compactor_decomp::filter::{quadrature_cut, FilterOptions};
 use cudarc::cusolver::sys as cs;
 use cudarc::driver::DevicePtrMut;
 
-use crate::gpu::{ce, cuda_only, settle_tensor, solver};
+use crate::gpu::{ce, cuda_only, input_copy, settle_tensor, solver};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -43,9 +43,7 @@ impl CustomOp1 for OrthRows {
         }
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        let src = s.as_cuda_slice::<f64>()?.slice(l.start_offset()..l.start_offset() + k * n);
-        let mut a = unsafe { stream.alloc::<f64>(k * n) }.map_err(ce("alloc"))?;
-        stream.memcpy_dtod(&src, &mut a).map_err(ce("copy"))?;
+        let mut a = input_copy::<f64>(s, l, k * n, 0)?;
         let mut tau = unsafe { stream.alloc::<f64>(k) }.map_err(ce("alloc"))?;
         let mut info = stream.alloc_zeros::<i32>(1).map_err(ce("alloc"))?;
         let h = solver(&stream)?;

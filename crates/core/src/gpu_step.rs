@@ -124,7 +124,12 @@ extern "C" __global__ void step_add_norm(unsigned short* x, const unsigned short
 // cached keys and values — and the rotation angles are loaded before waiting for the products
 // (thread t holds cached key t when hd ≤ 128; each thread its first 8 value chunks).
 // Grid: (nh, b); 256 threads; dynamic shared memory: max_t floats; hd % 8 == 0, hd ≤ 256.
-extern "C" __global__ void step_attend(const unsigned* meta, const unsigned short* q, const unsigned short* k, const unsigned short* v,
+#ifdef ATTN_MINB
+#define ATTN_LB __launch_bounds__(256, ATTN_MINB)
+#else
+#define ATTN_LB
+#endif
+extern "C" __global__ void ATTN_LB step_attend(const unsigned* meta, const unsigned short* q, const unsigned short* k, const unsigned short* v,
                                        unsigned short* kc, unsigned short* vc, const float* inv_freq, unsigned short* y,
                                        int nh, int nkv, int hd, int max_t, float scale) {
     extern __shared__ float sc[];
