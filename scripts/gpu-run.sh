@@ -107,6 +107,9 @@ L=${L:-40}
 step "issue 8: synthetic Granite-8B shapes, $L layers, bf16, on local disk"
 [ -f /tmp/g8b/config.json ] || timeout 400 $B synth --preset granite-8b --layers $L --device cuda --tokenizer $G/tokenizer.json --out /tmp/g8b; du -sh /tmp/g8b
 cat /tmp/g8b/*.safetensors > /dev/null   # page cache, as for the PyTorch run
+# flush the generator's 16 GB of dirty pages now, so that their writeback does not throttle the
+# timed plans' own writes
+/usr/bin/time -f "sync (the generator's writes): %e s" sync
 }
 # plans: spectra, then the svd and tt plans at 0.5; each wall time also goes to /tmp/t-{spectra,svd,tt}
 # (part F reads them). PLANS_TIMING=0 leaves out the per-phase timing (its stream syncs).

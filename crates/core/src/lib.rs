@@ -47,7 +47,10 @@ pub fn device(name: &str) -> Result<candle_core::Device> {
             }
             let d = candle_core::Device::new_cuda(ord)?;
             #[cfg(feature = "cuda")]
-            gpu::single_stream(&d);
+            {
+                gpu::single_stream(&d);
+                gpu::prewarm_modules(ord);
+            }
             Ok(d)
         }
         other => Err(Error::Invalid(format!("unknown device `{other}` (expected cpu or cuda)"))),
