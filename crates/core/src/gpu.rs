@@ -52,9 +52,10 @@ pub(crate) fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_cor
 /// another), ~17 s for these nine on a fresh H200 host, binary alone ~7 s; unwarmed, each
 /// compile happens when a fit first needs the module, on the fits' critical path. The svd plan
 /// of the synthetic Granite-8B on a fresh H200 took 35.4 s with an empty cache, 27.0–29.3 s with
-/// this prewarm and 12.2 s once cached. Loading starts with the modules the fits need first;
-/// once cached each load takes milliseconds. The convolution and quantized-matmul modules,
-/// which no Compactor GPU path uses, are left out.
+/// a prewarm of one thread per module (this one-thread form, which loads cast, reduce and unary
+/// first, was not timed on an empty cache) and 12.2 s once cached, when each load takes
+/// milliseconds. The convolution and quantized-matmul modules, which no Compactor GPU path
+/// uses, are left out.
 pub(crate) fn prewarm_modules(ordinal: usize) {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
