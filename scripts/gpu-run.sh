@@ -155,9 +155,7 @@ done
 }
 # the step graph with the CUDA-core kernel's column split aimed at fewer or more warps per launch
 decode_split() {
-for w in ${SPLITS:-2048 4096 8192 16384}; do
-  echo "COMPACTOR_SPLIT_WARPS=$w"; COMPACTOR_SPLIT_WARPS=$w timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1 --paths ${PATHS:-graph,fused} 2>/dev/null | grep -E "^/tmp"
-done
+DECODE_ENVS="$(printf 'COMPACTOR_SPLIT_WARPS=%s ' ${SPLITS:-2048 4096 8192 16384})" PATHS=${PATHS:-graph,fused} decode_env
 }
 # spectra on more CUDA streams (more concurrent eigensolves)
 spectra_streams() {
