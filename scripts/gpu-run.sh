@@ -11,7 +11,7 @@
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode under each of
 #     DECODE_ENVS), spectra_env / plan_env (spectra
 #     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), warm (one small GPU run first), ncu_step
-#     (Nsight Compute on one decode step's kernels), stream_tiny / stream_g8b (the streamed step))
+#     (Nsight Compute on one decode step's kernels))
 set -uo pipefail
 PART=${1:-A}
 OUT=${OUT:-/tmp/gpu-out}
@@ -237,7 +237,7 @@ timeout 60 $B bench eigen --n 1024 --batch 8,32
 ncu_step() {
 step "ncu: one decode step's kernels at batch 1, isolated durations and DRAM bandwidth"
 NCU=/usr/local/cuda-13.0/bin/ncu
-for m in ${NCU_MODELS:-g8b:203 g8b-svd:363}; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS:-fused}; do
+for m in g8b:203 g8b-svd:363; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS:-fused}; do
   echo "--- $m, $p"
   timeout 200 $NCU --graph-profiling node --clock-control none --kernel-name regex:"gemv|step_" --launch-skip $((n * 3)) --launch-count $n \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
@@ -254,39 +254,6 @@ step "decode: dense vs svd 50 % everywhere vs attention dense + MLP svd 36.67 % 
 [ -f /tmp/g8b-mlp/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan scripts/plans/granite-8b-mlp-half.json --device cuda --out /tmp/g8b-mlp > /dev/null
 for d in g8b-svd g8b-mlp; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" /tmp/$d/compactor.json; done
 timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-mlp --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-graph,fused}
-}
-# the streamed step (one persistent launch per run of products between attentions, batch 1):
-# granite-tiny's greedy tokens with and without it, agreement with candle ops and speed; then the
-# synthetic Granite-8B (needs g8b, svd_only), PATHS (default ops,fused,stream)
-stream_tiny() {
-[ -d /tmp/gt-svd-cuda ] || timeout 100 $B compress $G --method svd --ratio 0.5 --device cuda --out /tmp/gt-svd-cuda > /dev/null
-step "streamed step on granite-tiny (dense, svd 0.5): greedy tokens fused vs streamed, then bench decode (agreement + speed)"
-for st in 0 1; do for v in $G /tmp/gt-svd-cuda; do
-  COMPACTOR_STEP_STREAM=$st timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|stream $st $(basename $v): |"
-done; done
-timeout 120 $B bench decode $G /tmp/gt-svd-cuda --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 2 --batch 1 --paths ops,fused,stream
-}
-stream_g8b() {
-step "streamed step on the synthetic Granite-8B, batch 1: agreement with candle ops, speed against the fused step graph"
-timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1 --paths ${PATHS:-ops,fused,stream}
-}
-# the streamed step's own timeline (COMPACTOR_STREAM_TRACE=1: globaltimer stamps per block and stage)
-stream_trace() {
-step "streamed step: where one step's time goes (batch 1)"
-COMPACTOR_STREAM_TRACE=1 timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 1 --batch 1 --paths stream 2>&1 | grep -E "^/tmp|trace|stage"
-}
-# Nsight Systems timeline of one decode step (graph nodes traced): each kernel's duration and the
-# gaps between them, for the paths in PROFILE_PATHS (default stream), dense and svd
-nsys_step() {
-NSYS=$(ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda*/nsight-systems*/bin/nsys 2>/dev/null | head -1)
-step "nsys: one decode step on the timeline ($NSYS)"
-for m in g8b:${NSYS_N_DENSE:-83} g8b-svd:${NSYS_N_SVD:-83}; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS:-stream}; do
-  echo "--- $m, $p"
-  timeout 200 $NSYS profile --cuda-graph-trace=node -t cuda -o /tmp/nsys-$m-$p -f true $B bench decode /tmp/$m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1 --paths $p > /tmp/nsys-$m-$p.log 2>&1
-  echo "nsys rc $?"; tail -3 /tmp/nsys-$m-$p.log
-  $NSYS stats --report cuda_gpu_trace --format csv --output /tmp/nsys-$m-$p /tmp/nsys-$m-$p.nsys-rep > /dev/null 2>&1
-  python3 scripts/nsys-step.py $(ls /tmp/nsys-$m-$p*.csv | head -1) $n ${NSYS_SHOW:-14}
-done; done
 }
 # whole-model decode with and without programmatic dependent launches
 decode_pdl() {

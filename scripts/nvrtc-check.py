@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs + STREAM_SRC in gpu_stream.rs) and the band kernels (BAND_SRC in
+"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs) and the band kernels (BAND_SRC in
 gpu_band.rs, a module of their own) with
 NVRTC, as the CUDA binary does at run time on the GPU machine (decode: compute_90 on sm_90+ GPUs,
 compute_80 on older ones), so that a kernel
@@ -31,7 +31,7 @@ def check(src, name, arch):
 
 
 lib = ctypes.CDLL(sys.argv[1])
-decode = raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC") + raw("crates/core/src/gpu_stream.rs", "pub(crate) const STREAM_SRC")
+decode = raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC")
 for arch in ("compute_90", "compute_80"):
     check(decode, "decode.cu", arch)
 check(raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC"), "band.cu", "compute_80")

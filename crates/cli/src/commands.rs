@@ -351,25 +351,23 @@ pub fn print_summary(s: &run::RunSummary) {
 
 #[allow(clippy::too_many_arguments)]
 pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usize, tokens: usize, repeats: usize, device: String, dtype: String, batches: Vec<usize>, paths: Vec<String>) -> Result<()> {
-    const PATHS: [&str; 4] = ["ops", "graph", "fused", "stream"];
+    const PATHS: [&str; 3] = ["ops", "graph", "fused"];
     if let Some(p) = paths.iter().find(|p| !PATHS.contains(&p.as_str())) {
-        anyhow::bail!("--paths: unknown path `{p}` (expected some of ops, graph, fused, stream)");
+        anyhow::bail!("--paths: unknown path `{p}` (expected some of ops, graph, fused)");
     }
     let dev = compactor_core::device(&device)?;
     let dt = parse_dtype(&dtype)?;
     // on CUDA in bf16 a model can decode three ways: candle ops, the whole step as a CUDA graph,
-    // that graph with norms, residual adds and silu fused into the products, and (batch 1,
-    // sm_90+) the fused products streamed in one launch per run between attentions
+    // and that graph with norms, residual adds and silu fused into the products
     let graph_ok = cfg!(feature = "cuda") && dev.is_cuda() && dt == candle_core::DType::BF16;
     let paths: Vec<&str> = PATHS.into_iter().filter(|n| paths.iter().any(|p| p == n) && (*n == "ops" || graph_ok)).collect();
     if paths.is_empty() {
-        anyhow::bail!("--paths graph, fused or stream needs a CUDA build, --device cuda and --dtype bf16");
+        anyhow::bail!("--paths graph or fused needs a CUDA build, --device cuda and --dtype bf16");
     }
     #[cfg(feature = "cuda")]
     let use_path = |p: &str| {
         compactor_core::gpu_step::set_enabled(p != "ops");
-        compactor_core::gpu_step::set_fuse_enabled(p == "fused" || p == "stream");
-        compactor_core::gpu_step::set_stream_enabled(p == "stream");
+        compactor_core::gpu_step::set_fuse_enabled(p == "fused");
     };
     let load = |p: &Path| -> Result<Model> {
         let t = Instant::now();
@@ -412,11 +410,7 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
             }
             println!("decode tokens/s, batch {batch}, {prompt_tokens}-token prompt, {tokens} tokens, best of {repeats}, device {device}, {dtype}, {}", path_name(p));
             #[cfg(feature = "cuda")]
-            if p == "stream" && batch > 1 {
-                println!("(the streamed step runs batch 1: batch {batch} runs the fused or unfused step graph)");
-            }
-            #[cfg(feature = "cuda")]
-            if (p == "fused" || p == "stream") && batch > compactor_core::gpu::FUSED_MAX_BATCH {
+            if p == "fused" && batch > compactor_core::gpu::FUSED_MAX_BATCH {
                 println!("(the fused kinds run batches of up to {} on CUDA cores: batch {batch} runs the unfused step graph)", compactor_core::gpu::FUSED_MAX_BATCH);
             }
             println!("{:<50} {:>12} {:>14} {:>10} {:>16} {:>8}", "model", "linear params", "decode tok/s", "vs dense", "weight GB/step", "GB/s");
@@ -437,8 +431,7 @@ fn path_name(p: &str) -> &'static str {
     match p {
         "ops" => "candle ops",
         "graph" => "step graph",
-        "fused" => "fused step graph",
-        _ => "streamed step",
+        _ => "fused step graph",
     }
 }
 

@@ -181,10 +181,8 @@ enum BenchCmd {
         batch: Vec<usize>,
         /// How decode steps run (CUDA, bf16): `ops` (candle ops), `graph` (the whole step as one
         /// CUDA graph), `fused` (that graph with norms, residual adds and silu·up inside the
-        /// products; batch ≤ 8), `stream` (the fused products of each run between attentions in
-        /// one persistent launch; batch 1, sm_90+), any of them; each graph's logits are checked
-        /// against ops'.
-        #[arg(long, value_delimiter = ',', default_value = "ops,graph,fused,stream")]
+        /// products; batch ≤ 8), any of them; each graph's logits are checked against ops'.
+        #[arg(long, value_delimiter = ',', default_value = "ops,graph,fused")]
         paths: Vec<String>,
     },
     /// Decode-shaped products over a Granite-8B-shaped stack of linear layers: dense against

@@ -228,12 +228,6 @@ pub fn speed_batch(model: &Model, prompt: &[u32], decode_tokens: usize, batch: u
     }
     sync(&model.device)?;
     let decode = t1.elapsed().as_secs_f64();
-    #[cfg(feature = "cuda")]
-    if let Stepper::Graph(d) = &stepper {
-        if let Some(s) = d.stream_trace()? {
-            eprint!("{s}");
-        }
-    }
     Ok(Speed {
         prefill_tokens_per_s: (batch * prompt.len()) as f64 / prefill,
         prefill_tokens: prompt.len(),

@@ -1085,48 +1085,28 @@ fn split_for(row_groups: usize, cols8: usize) -> usize {
     s
 }
 
-/// Whether `dev` has compute capability 9.0 or later (the decode kernels are then compiled for
-/// compute_90: programmatic dependent launches, bulk copies, mbarriers).
-pub(crate) fn sm90(dev: &candle_core::cuda::CudaDevice) -> bool {
-    static CAP: OnceLock<bool> = OnceLock::new();
-    *CAP.get_or_init(|| dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0) >= 9)
-}
-
-/// Whether `dev` runs programmatic dependent launches ([`sm90`]), unless `COMPACTOR_PDL=0`.
+/// Whether `dev` runs programmatic dependent launches (compute capability 9.0 or later), unless
+/// `COMPACTOR_PDL=0`.
 pub(crate) fn pdl_capable(dev: &candle_core::cuda::CudaDevice) -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    sm90(dev) && *ON.get_or_init(|| std::env::var("COMPACTOR_PDL").map(|v| v != "0").unwrap_or(true))
-}
-
-/// `COMPACTOR_GEMV_DEFINES` (`NAME=value` or `NAME`, separated by ':' or spaces): compile-time
-/// knobs of the decode kernels, for experiments.
-fn gemv_defines() -> &'static [(String, String)] {
-    static DEFS: OnceLock<Vec<(String, String)>> = OnceLock::new();
-    DEFS.get_or_init(|| {
-        std::env::var("COMPACTOR_GEMV_DEFINES")
-            .unwrap_or_default()
-            .split(|c: char| c.is_whitespace() || c == ':')
-            .filter(|d| !d.is_empty())
-            .map(|d| match d.split_once('=') {
-                Some((k, v)) => (k.to_string(), v.to_string()),
-                None => (d.to_string(), String::new()),
-            })
-            .collect()
+    static CAP: OnceLock<bool> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        let major = dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0);
+        major >= 9 && std::env::var("COMPACTOR_PDL").map(|v| v != "0").unwrap_or(true)
     })
-}
-
-/// The value of one of [`gemv_defines`].
-pub(crate) fn gemv_define(name: &str) -> Option<&'static str> {
-    gemv_defines().iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        let arch = if sm90(dev) { "compute_90" } else { "compute_80" };
+        let arch = if pdl_capable(dev) { "compute_90" } else { "compute_80" };
         let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
-        let defines: String = gemv_defines().iter().map(|(k, v)| format!("#define {k} {v}\n")).collect();
-        let src = format!("{defines}{GEMV_SRC}{}{}", crate::gpu_step::STEP_SRC, crate::gpu_stream::STREAM_SRC);
+        let defines: String = std::env::var("COMPACTOR_GEMV_DEFINES")
+            .unwrap_or_default()
+            .split(|c: char| c.is_whitespace() || c == ':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
+            .collect();
+        let src = format!("{defines}{GEMV_SRC}{}", crate::gpu_step::STEP_SRC);
         cudarc::nvrtc::compile_ptx_with_opts(src, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()

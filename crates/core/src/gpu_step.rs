@@ -23,7 +23,6 @@
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
 use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
-use crate::gpu_stream::{Prod, Stage};
 use crate::linear::Linear;
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
@@ -345,8 +344,6 @@ pub struct Decoder {
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
     skip: Vec<String>,
-    /// the streamed step (batch 1, sm_90+): one launch per run of products between attentions
-    stream: Option<crate::gpu_stream::Streamer>,
     /// the model (a clone: its weights stay alive while the graph points into them)
     model: Model,
 }
@@ -395,30 +392,23 @@ fn pairable(g: &Lin, u: &Lin) -> bool {
     }
 }
 
-/// An on/off setting read from an environment variable (`0` off, anything else on, unset: the
-/// default) at first use and settable from code afterwards (a benchmark compares both in one run).
+/// An on/off setting read from an environment variable (on unless it is `0`) at first use and
+/// settable from code afterwards (a benchmark compares both in one run).
 struct Switch {
     state: std::sync::atomic::AtomicU8,
     env: &'static str,
-    /// the state when the variable is unset
-    default: bool,
 }
 
 impl Switch {
     const fn new(env: &'static str) -> Switch {
-        Switch { state: std::sync::atomic::AtomicU8::new(u8::MAX), env, default: true }
-    }
-
-    /// Off unless the variable is set to something other than `0`.
-    const fn off(env: &'static str) -> Switch {
-        Switch { state: std::sync::atomic::AtomicU8::new(u8::MAX), env, default: false }
+        Switch { state: std::sync::atomic::AtomicU8::new(u8::MAX), env }
     }
 
     fn get(&self) -> bool {
         use std::sync::atomic::Ordering;
         match self.state.load(Ordering::Relaxed) {
             u8::MAX => {
-                let on = std::env::var(self.env).map(|v| v != "0").unwrap_or(self.default);
+                let on = std::env::var(self.env).map(|v| v != "0").unwrap_or(true);
                 self.state.store(on as u8, Ordering::Relaxed);
                 on
             }
@@ -433,7 +423,6 @@ impl Switch {
 
 static STEP_GRAPH: Switch = Switch::new("COMPACTOR_STEP_GRAPH");
 static STEP_FUSE: Switch = Switch::new("COMPACTOR_STEP_FUSE");
-static STEP_STREAM: Switch = Switch::off("COMPACTOR_STEP_STREAM");
 
 /// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
 pub fn enabled() -> bool {
@@ -454,17 +443,6 @@ pub fn fuse_enabled() -> bool {
 /// Turns the fused kinds on or off for later decoders.
 pub fn set_fuse_enabled(on: bool) {
     STEP_FUSE.set(on)
-}
-
-/// Whether later decoders may run the streamed step at batch 1 (`COMPACTOR_STEP_STREAM=1` turns
-/// it on; it also needs the fused kinds).
-pub fn stream_enabled() -> bool {
-    STEP_STREAM.get()
-}
-
-/// Turns the streamed step on or off for later decoders.
-pub fn set_stream_enabled(on: bool) {
-    STEP_STREAM.set(on)
 }
 
 impl Decoder {
@@ -540,7 +518,6 @@ impl Decoder {
             crate::gpu::cublas_workspace(dev)?;
         }
         let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
-        let stream = if fused && batch == 1 && stream_enabled() { crate::gpu_stream::Streamer::new(dev, &stream_runs(model, &layers, &lm_head, &bufs)?)? } else { None };
         Ok(Some(Decoder {
             dev: dev.clone(),
             batch,
@@ -552,7 +529,6 @@ impl Decoder {
             mode,
             fused,
             graph: None,
-            stream,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
         }))
@@ -736,29 +712,10 @@ impl Decoder {
         self.launch("step_logits", ((n_out as u32).div_ceil(256).min(1024), 1), 256, 0, &args)
     }
 
-    /// With `COMPACTOR_STREAM_TRACE=1`, where the streamed step's last step spent its time.
-    pub fn stream_trace(&self) -> crate::Result<Option<String>> {
-        match &self.stream {
-            Some(s) => s.trace_summary(),
-            None => Ok(None),
-        }
-    }
-
-    /// Whether the step runs streamed (see [`crate::gpu_stream`]).
-    pub fn streamed(&self) -> bool {
-        self.stream.is_some()
-    }
-
     /// Issues one step on the stream (captured into the graph once, see [`Decoder::step`]).
     fn issue(&self) -> crate::Result<()> {
         self.embed()?;
-        if let Some(st) = &self.stream {
-            st.launch(0)?;
-            for (l, layer) in self.layers.iter().enumerate() {
-                self.attend(layer)?;
-                st.launch(l + 1)?;
-            }
-        } else if self.fused {
+        if self.fused {
             self.blocks_fused()?;
         } else {
             self.blocks()?;
@@ -830,69 +787,6 @@ impl Decoder {
         }
         Ok(())
     }
-}
-
-/// The stages of `lins` (one group reading `x`) for the streamed step, as
-/// [`Decoder::fused_products`] launches them: the dense products and the B factors (normalizing
-/// with `norm`), then the A factors; [`Out::Glu`] takes [gate, up] and one output.
-fn stream_group(lins: &[&Lin], x: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out) -> crate::Result<Vec<Stage>> {
-    let p = |w: u64, x: u64, y: u64, rows: usize, cols: usize, out: Out| Prod { w, x, y, rows, cols, pair: None, out };
-    if out == Out::Glu {
-        return Ok(match (lins[0], lins[1]) {
-            (Lin::Dense { w, rows, cols }, Lin::Dense { w: w2, .. }) => vec![Stage { prods: vec![Prod { pair: Some((*w2, x)), ..p(*w, x, ys[0], *rows, *cols, out) }], norm }],
-            (Lin::LowRank { a, b, rows, rank, cols, t }, Lin::LowRank { a: a2, b: b2, t: t2, .. }) => {
-                let (t, t2) = (tensor_addr(t)?, tensor_addr(t2)?);
-                vec![
-                    Stage { prods: vec![p(*b, x, t, *rank, *cols, Out::Store), p(*b2, x, t2, *rank, *cols, Out::Store)], norm },
-                    Stage { prods: vec![Prod { pair: Some((*a2, t2)), ..p(*a, t, ys[0], *rows, *rank, out) }], norm: None },
-                ]
-            }
-            _ => return Err(crate::Error::Invalid("streamed step: gate and up differ in kind".into())),
-        });
-    }
-    let (mut first, mut second) = (Vec::new(), Vec::new());
-    for (l, &y) in lins.iter().zip(ys) {
-        match l {
-            Lin::Dense { w, rows, cols } => first.push(p(*w, x, y, *rows, *cols, out)),
-            Lin::LowRank { a, b, rows, rank, cols, t } => {
-                let t = tensor_addr(t)?;
-                first.push(p(*b, x, t, *rank, *cols, Out::Store));
-                second.push(p(*a, t, y, *rows, *rank, out));
-            }
-        }
-    }
-    let mut stages = vec![Stage { prods: first, norm }];
-    if !second.is_empty() {
-        stages.push(Stage { prods: second, norm: None });
-    }
-    Ok(stages)
-}
-
-/// The launches of the streamed step: block 0's q/k/v; then after each block's attention its o,
-/// gate/up and down, and the next block's q/k/v (after the last block: the lm_head).
-fn stream_runs(model: &Model, layers: &[Layer], lm_head: &Lin, b: &Bufs) -> crate::Result<Vec<Vec<Stage>>> {
-    let a = |t: &Tensor| tensor_addr(t);
-    let (x, q, k, v, att, act, logits) = (a(&b.x)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.act)?, a(&b.logits)?);
-    let cfg = &model.cfg;
-    let (res, eps) = (Out::Residual(bf16_factor(cfg.residual_multiplier)), cfg.rms_norm_eps as f32);
-    let qkv = |l: usize| -> crate::Result<Vec<Stage>> {
-        let ls = &layers[l].lins;
-        stream_group(&[&ls[0], &ls[1], &ls[2]], x, &[q, k, v], Some((a(&model.blocks[l].input_norm)?, eps)), Out::Store)
-    };
-    let mut runs = vec![if layers.is_empty() { Vec::new() } else { qkv(0)? }];
-    for (l, (layer, block)) in layers.iter().zip(&model.blocks).enumerate() {
-        let ls = &layer.lins;
-        let mut run = stream_group(&[&ls[3]], att, &[x], None, res)?;
-        run.extend(stream_group(&[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu)?);
-        run.extend(stream_group(&[&ls[6]], act, &[x], None, res)?);
-        if l + 1 < layers.len() {
-            run.extend(qkv(l + 1)?);
-        } else {
-            run.extend(stream_group(&[lm_head], x, &[logits], Some((a(&model.norm)?, eps)), Out::Store)?);
-        }
-        runs.push(run);
-    }
-    Ok(runs)
 }
 
 /// candle scales bf16 tensors by a bf16 factor (and divides f32 ones by multiplying).

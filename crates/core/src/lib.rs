@@ -20,8 +20,6 @@ pub mod gpu_band;
 pub mod gpu_filter;
 #[cfg(feature = "cuda")]
 pub mod gpu_step;
-#[cfg(feature = "cuda")]
-pub mod gpu_stream;
 pub mod heal;
 pub mod inventory;
 pub mod linear;
