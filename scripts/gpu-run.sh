@@ -11,7 +11,8 @@
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode under each of
 #     DECODE_ENVS), spectra_env / plan_env (spectra
 #     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), warm (one small GPU run first), ncu_step
-#     (Nsight Compute on one decode step's kernels))
+#     (Nsight Compute on one decode step's kernels), plan_cold (the svd plan after emptying the driver's JIT cache, with and
+#     without the prewarm of candle's modules, then cached))
 set -uo pipefail
 PART=${1:-A}
 OUT=${OUT:-/tmp/gpu-out}
@@ -254,6 +255,17 @@ step "decode: dense vs svd 50 % everywhere vs attention dense + MLP svd 36.67 % 
 [ -f /tmp/g8b-mlp/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan scripts/plans/granite-8b-mlp-half.json --device cuda --out /tmp/g8b-mlp > /dev/null
 for d in g8b-svd g8b-mlp; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" /tmp/$d/compactor.json; done
 timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-mlp --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-graph,fused}
+}
+# the svd plan with the driver's JIT cache emptied first (candle's PTX compiled in the plan's own
+# process), with the background prewarm of candle's modules and without it, then cached
+plan_cold() {
+CACHE=${CUDA_CACHE_PATH:-$HOME/.nv/ComputeCache}
+for cfg in ${COLD_CFGS:-COMPACTOR_PREWARM=1 COMPACTOR_PREWARM=0 cached}; do
+  [ $cfg = cached ] || rm -rf "$CACHE"
+  rm -rf /tmp/g8b-cold
+  step "svd plan at 0.5, $cfg (JIT cache $(ls "$CACHE" 2>/dev/null | wc -l) entries before)"
+  env $([ $cfg = cached ] || echo $cfg) /usr/bin/time -f "compress svd 0.5 ($cfg): %e s wall, %U s user" timeout 300 $B compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-cold > /dev/null
+done
 }
 # whole-model decode with and without programmatic dependent launches
 decode_pdl() {

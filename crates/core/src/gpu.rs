@@ -51,11 +51,12 @@ pub(crate) fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_cor
 /// The driver compiles one module at a time (loads from several threads finish one after
 /// another), ~17 s for these nine on a fresh H200 host, binary alone ~7 s; unwarmed, each
 /// compile happens when a fit first needs the module, on the fits' critical path. The svd plan
-/// of the synthetic Granite-8B on a fresh H200 took 35.4 s with an empty cache, 27.0–29.3 s with
-/// a prewarm of one thread per module (this one-thread form, which loads cast, reduce and unary
-/// first, was not timed on an empty cache) and 12.2 s once cached, when each load takes
-/// milliseconds. The convolution and quantized-matmul modules, which no Compactor GPU path
-/// uses, are left out.
+/// of the synthetic Granite-8B with the cache emptied before each run, interleaved on one fresh
+/// H200 host (2026-12-01): 33.0 / 33.1 s with this one-thread prewarm (cast, reduce and unary
+/// first), 33.5 / 39.9 s with one thread per module (`COMPACTOR_PREWARM=parallel`), 37.8 /
+/// 36.6 s without; 13.3 s once cached, when each load takes milliseconds. Between hosts the
+/// cold runs vary more than that (29.1 s without a prewarm on another one). The convolution and
+/// quantized-matmul modules, which no Compactor GPU path uses, are left out.
 pub(crate) fn prewarm_modules(ordinal: usize) {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
@@ -74,19 +75,28 @@ pub(crate) fn prewarm_modules(ordinal: usize) {
             ("affine", k::AFFINE),
             ("fill", k::FILL),
             ("sort", k::SORT),
-        ];
-        // detached: loads still running when the job ends only cost a CPU thread
-        let _ = std::thread::Builder::new().name("compactor-prewarm".into()).spawn(move || {
+        ]
+        .map(|(name, m)| (name, m.ptx()));
+        let load = move |mods: &[(&str, &'static str)]| {
             let Ok(ctx) = cudarc::driver::CudaContext::new(ordinal) else { return };
-            for (name, m) in order {
+            for &(name, ptx) in mods {
                 let t0 = start.elapsed().as_secs_f64();
-                let r = ctx.load_module(cudarc::nvrtc::Ptx::from_src(m.ptx())).map(drop);
+                let r = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map(drop);
                 if timing_on() {
                     let state = if r.is_ok() { "loaded" } else { "failed to load" };
                     eprintln!("prewarm: candle's {name} module {state}, {t0:.2} s → {:.2} s after the device opened", start.elapsed().as_secs_f64());
                 }
             }
-        });
+        };
+        // detached: loads still running when the job ends only cost a CPU thread.
+        // `COMPACTOR_PREWARM=parallel`: one thread per module (for comparison)
+        if std::env::var("COMPACTOR_PREWARM").is_ok_and(|v| v == "parallel") {
+            for m in order {
+                let _ = std::thread::Builder::new().name("compactor-prewarm".into()).spawn(move || load(&[m]));
+            }
+        } else {
+            let _ = std::thread::Builder::new().name("compactor-prewarm".into()).spawn(move || load(&order));
+        }
     });
 }
 
