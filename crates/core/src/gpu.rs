@@ -60,7 +60,8 @@ pub(crate) fn ce<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_cor
 pub(crate) fn prewarm_modules(ordinal: usize) {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        if std::env::var("COMPACTOR_PREWARM").is_ok_and(|v| v == "0") {
+        let mode = std::env::var("COMPACTOR_PREWARM").unwrap_or_default();
+        if mode == "0" {
             return;
         }
         use candle_core::cuda::kernels as k;
@@ -90,7 +91,7 @@ pub(crate) fn prewarm_modules(ordinal: usize) {
         };
         // detached: loads still running when the job ends only cost a CPU thread.
         // `COMPACTOR_PREWARM=parallel`: one thread per module (for comparison)
-        if std::env::var("COMPACTOR_PREWARM").is_ok_and(|v| v == "parallel") {
+        if mode == "parallel" {
             for m in order {
                 let _ = std::thread::Builder::new().name("compactor-prewarm".into()).spawn(move || load(&[m]));
             }
