@@ -8,9 +8,10 @@
 #     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
-#     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode under each of
+#     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
 #     DECODE_ENVS), spectra_env / plan_env (spectra
-#     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), warm (one small GPU run first), ncu_step
+#     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), decode_curve (decode
+#     against the share of parameters kept), warm (one small GPU run first), ncu_step
 #     (Nsight Compute on one decode step's kernels), plan_cold (the svd plan after emptying the driver's JIT cache, with and
 #     without the prewarm of candle's modules, then cached))
 set -uo pipefail
@@ -132,7 +133,7 @@ unset COMPACTOR_GPU_TIMING
 }
 decode_full() {
 step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16 (COMPACTOR_PDL=${COMPACTOR_PDL:-1})"
-timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-ops,graph,fused}
+timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd ${DECODE_EXTRA:-} --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-ops,graph,fused}
 }
 svd_only() {
 step "Compactor svd plan at 0.5 (for decode)"
@@ -220,7 +221,7 @@ PY
 decode_env() {
 for cfg in ${DECODE_ENVS:--}; do
   echo "decode with ${cfg}"
-  env $(vars "$cfg") timeout 120 $B bench decode /tmp/g8b /tmp/g8b-svd --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch ${DECODE_BATCH:-1} --paths ${PATHS:-fused} 2>/dev/null | grep -E "^/tmp"
+  env $(vars "$cfg") timeout 120 $B bench decode /tmp/g8b ${DECODE_MODELS:-/tmp/g8b-svd} --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch ${DECODE_BATCH:-1} --paths ${PATHS:-fused} 2>/dev/null | grep -E "^/tmp"
 done
 }
 # the first GPU process on a fresh machine is slower (driver JIT cache): one small run first
@@ -250,11 +251,33 @@ done; done
 # decode of two plans with half the linear parameters: svd everywhere, and attention kept dense
 # with the MLPs at 36.67 % (scripts/plans/granite-8b-mlp-half.json: fewer, larger launches)
 decode_mlp() {
-step "decode: dense vs svd 50 % everywhere vs attention dense + MLP svd 36.67 % (both half the linear parameters)"
-[ -f /tmp/g8b-svd/compactor.json ] || timeout 200 $B compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-svd > /dev/null
-[ -f /tmp/g8b-mlp/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan scripts/plans/granite-8b-mlp-half.json --device cuda --out /tmp/g8b-mlp > /dev/null
-for d in g8b-svd g8b-mlp; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" /tmp/$d/compactor.json; done
-timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-mlp --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-graph,fused}
+CURVE_RATIOS=0.5 CURVE_MLP="" CURVE_PLANS=scripts/plans/granite-8b-mlp-half.json PATHS=${PATHS:-graph,fused} decode_curve
+}
+# batch-1 (and 16) decode against the share of linear parameters kept: svd everywhere at each of
+# CURVE_RATIOS, and attention kept dense with the MLPs compressed to a total of each of
+# CURVE_MLP (the MLP ratio is solved from the Granite-8B shapes: attention 41.94 M, MLPs 157.29 M
+# parameters per layer), and each plan file of CURVE_PLANS; where does the low-rank model reach
+# 1.7x the dense tokens/s?
+decode_curve() {
+step "decode vs linear parameters kept: svd everywhere at ${CURVE_RATIOS=0.5 0.45 0.4 0.35}, attention dense + MLP svd at totals ${CURVE_MLP=0.5 0.4}, plans ${CURVE_PLANS:=}"
+local dirs=""
+for r in $CURVE_RATIOS; do
+  [ -f /tmp/g8b-svd-$r/compactor.json ] || timeout 200 $B compress /tmp/g8b --method svd --ratio $r --device cuda --out /tmp/g8b-svd-$r > /dev/null
+  dirs="$dirs /tmp/g8b-svd-$r"
+done
+for t in $CURVE_MLP; do
+  m=$(python3 -c "print(round(($t * 199229440 - 41943040) / 157286400, 4))")
+  echo "{\"version\": 1, \"default\": {\"method\": \"svd\", \"ratio\": $m}, \"rules\": [{\"match\": \"model.layers.*.self_attn.*\", \"method\": \"dense\"}], \"allocation\": \"uniform\"}" > /tmp/plan-mlp-$t.json
+  [ -f /tmp/g8b-mlp-$t/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan /tmp/plan-mlp-$t.json --device cuda --out /tmp/g8b-mlp-$t > /dev/null
+  dirs="$dirs /tmp/g8b-mlp-$t"
+done
+for p in $CURVE_PLANS; do
+  n=$(basename $p .json)
+  [ -f /tmp/g8b-plan-$n/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan $p --device cuda --out /tmp/g8b-plan-$n > /dev/null
+  dirs="$dirs /tmp/g8b-plan-$n"
+done
+for d in $dirs; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" $d/compactor.json; done
+timeout 400 $B bench decode /tmp/g8b $dirs --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch ${CURVE_BATCH:-1,16} --paths ${PATHS:-fused}
 }
 # the svd plan with the driver's JIT cache emptied first (candle's PTX compiled in the plan's own
 # process), with the background prewarm of candle's modules and without it, then cached
@@ -287,7 +310,8 @@ timeout 200 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods svd --limi
 fi
 # F: issue 8's benchmark in one call: the synthetic Granite-8B, Compactor's spectra and both plans
 # (load -> compress -> save), PyTorch on the same matrices (torch.linalg.svd on the first SVD_LIMIT
-# matrices, extrapolated by shape), the ratios, then dense vs svd-plan decode
+# matrices, extrapolated by shape), the ratios, then dense vs compressed decode (the svd plan and the
+# decode-aware plan scripts/plans/granite-8b-decode-50.json)
 if [ "$PART" = F ]; then
 g8b; warm
 PLANS_TIMING=0 plans
@@ -307,6 +331,8 @@ print(f"{n} matrices. Compactor (wall, whole process): spectra {t['spectra']:.1f
 for label, secs, ours in rows:
     print(f"{label:48} {secs:7.1f} s (compute only, weights already on the GPU): Compactor's {ours} {secs / t[ours]:.2f}x faster")
 PY
-PATHS=${PATHS:-fused} decode_full
+step "Compactor decode-aware plan, 50.2 % of the linear parameters kept (scripts/plans/granite-8b-decode-50.json)"
+[ -f /tmp/g8b-decode/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan scripts/plans/granite-8b-decode-50.json --device cuda --out /tmp/g8b-decode > /dev/null
+DECODE_EXTRA=/tmp/g8b-decode PATHS=${PATHS:-fused} decode_full
 fi
 echo; echo "=== done $(date +%T)"
