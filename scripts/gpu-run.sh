@@ -135,9 +135,15 @@ decode_full() {
 step "decode on the GPU, bf16, dense vs compressed, batch 1 and 16 (COMPACTOR_PDL=${COMPACTOR_PDL:-1})"
 timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd ${DECODE_EXTRA:-} --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths ${PATHS:-ops,graph,fused}
 }
+# compress_once DIR ARGS...: the synthetic Granite-8B compressed on the GPU into DIR with ARGS
+# (--method/--ratio or --plan), unless DIR already holds a compressed model
+compress_once() {
+local d=$1; shift
+[ -f $d/compactor.json ] || timeout 200 $B compress /tmp/g8b "$@" --device cuda --out $d > /dev/null
+}
 svd_only() {
 step "Compactor svd plan at 0.5 (for decode)"
-[ -f /tmp/g8b-svd/compactor.json ] || timeout 200 $B compress /tmp/g8b --method svd --ratio 0.5 --device cuda --out /tmp/g8b-svd > /dev/null
+compress_once /tmp/g8b-svd --method svd --ratio 0.5
 }
 # the decode step as one CUDA graph on granite-tiny: same tokens as candle ops, logits agree
 graph_tiny() {
@@ -216,8 +222,8 @@ if runs:
         print(f"{sys.argv[2]} config {i}: {len(e)} matrices, mean rel_error {sum(e)/len(e):.6f}, vs config 0: max {max(d):+.2e} min {min(d):+.2e}, same ranks {same}, compress {m['notes']['compress_seconds']:.1f} s")
 PY
 }
-# decode_env: batch-1 decode (fused step graph) of the dense and svd models under each of
-# DECODE_ENVS (as ENVS), interleaved, e.g. DECODE_ENVS="- COMPACTOR_GEMV_DEFINES=GEMV_MINB=6 -"
+# decode_env: batch-1 decode (fused step graph) of the dense model and DECODE_MODELS (default: the
+# svd plan) under each of DECODE_ENVS (as ENVS), interleaved, e.g. DECODE_ENVS="- COMPACTOR_GEMV_DEFINES=GEMV_MINB=6 -"
 decode_env() {
 for cfg in ${DECODE_ENVS:--}; do
   echo "decode with ${cfg}"
@@ -262,18 +268,18 @@ decode_curve() {
 step "decode vs linear parameters kept: svd everywhere at ${CURVE_RATIOS=0.5 0.45 0.4 0.35}, attention dense + MLP svd at totals ${CURVE_MLP=0.5 0.4}, plans ${CURVE_PLANS:=}"
 local dirs=""
 for r in $CURVE_RATIOS; do
-  [ -f /tmp/g8b-svd-$r/compactor.json ] || timeout 200 $B compress /tmp/g8b --method svd --ratio $r --device cuda --out /tmp/g8b-svd-$r > /dev/null
+  compress_once /tmp/g8b-svd-$r --method svd --ratio $r
   dirs="$dirs /tmp/g8b-svd-$r"
 done
 for t in $CURVE_MLP; do
   m=$(python3 -c "print(round(($t * 199229440 - 41943040) / 157286400, 4))")
   echo "{\"version\": 1, \"default\": {\"method\": \"svd\", \"ratio\": $m}, \"rules\": [{\"match\": \"model.layers.*.self_attn.*\", \"method\": \"dense\"}], \"allocation\": \"uniform\"}" > /tmp/plan-mlp-$t.json
-  [ -f /tmp/g8b-mlp-$t/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan /tmp/plan-mlp-$t.json --device cuda --out /tmp/g8b-mlp-$t > /dev/null
+  compress_once /tmp/g8b-mlp-$t --plan /tmp/plan-mlp-$t.json
   dirs="$dirs /tmp/g8b-mlp-$t"
 done
 for p in $CURVE_PLANS; do
   n=$(basename $p .json)
-  [ -f /tmp/g8b-plan-$n/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan $p --device cuda --out /tmp/g8b-plan-$n > /dev/null
+  compress_once /tmp/g8b-plan-$n --plan $p
   dirs="$dirs /tmp/g8b-plan-$n"
 done
 for d in $dirs; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" $d/compactor.json; done
@@ -332,7 +338,7 @@ for label, secs, ours in rows:
     print(f"{label:48} {secs:7.1f} s (compute only, weights already on the GPU): Compactor's {ours} {secs / t[ours]:.2f}x faster")
 PY
 step "Compactor decode-aware plan, 50.2 % of the linear parameters kept (scripts/plans/granite-8b-decode-50.json)"
-[ -f /tmp/g8b-decode/compactor.json ] || timeout 200 $B compress /tmp/g8b --plan scripts/plans/granite-8b-decode-50.json --device cuda --out /tmp/g8b-decode > /dev/null
+compress_once /tmp/g8b-decode --plan scripts/plans/granite-8b-decode-50.json
 DECODE_EXTRA=/tmp/g8b-decode PATHS=${PATHS:-fused} decode_full
 fi
 echo; echo "=== done $(date +%T)"
