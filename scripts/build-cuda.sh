@@ -48,3 +48,9 @@ strip .gpu/compactor
 # the working tree sent to the GPU machine is limited to 64 MiB: send it compressed
 xz -T2 -6 -f .gpu/compactor
 ls -la .gpu/compactor.xz
+# gpu-run.sh's stories260K steps (the CPU/GPU agreement) read the fixture and its text from .gpu/
+SH=../shared
+if [ -d "$SH/fixtures/stories260K" ]; then
+  rm -rf .gpu/stories260K && cp -r "$SH/fixtures/stories260K" .gpu/ && chmod -R u+w .gpu/stories260K
+  cp "$SH/corpora/tinystories_val.txt" .gpu/
+fi

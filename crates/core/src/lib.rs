@@ -20,6 +20,8 @@ pub mod gpu_band;
 pub mod gpu_filter;
 #[cfg(feature = "cuda")]
 pub mod gpu_step;
+#[cfg(feature = "cuda")]
+pub mod gpu_tn;
 pub mod heal;
 pub mod inventory;
 pub mod linear;

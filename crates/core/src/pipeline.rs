@@ -291,6 +291,16 @@ pub struct Fitted {
     pub tensors: Option<Vec<OwnedTensor>>,
 }
 
+/// The decomposition options of one layer's fit, on the CPU and on the GPU alike.
+fn fit_options(spec: &LinearSpec, r: &Resolved) -> FactorizeOptions {
+    let mut opts = FactorizeOptions::new(to_dc_method(r.method), rank_choice(r));
+    opts.sites = sites_for(spec, r.sites);
+    opts.quant = r.quant.as_ref().map(to_dc_quant);
+    opts.max_iters = r.iterations.unwrap_or(25);
+    opts.tol = 1e-4;
+    opts
+}
+
 /// Factorizes one layer as `r` says (no writing).
 /// `whiten`: the damping of an activation-aware fit (None: fit W itself; `grams` then only
 /// measure the activation error).
@@ -298,11 +308,7 @@ pub fn fit_layer(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Option
     let t0 = Instant::now();
     let wname = format!("{}.weight", spec.name);
     let (m, n, w) = ck.matrix_f32(&wname)?;
-    let mut opts = FactorizeOptions::new(to_dc_method(r.method), rank_choice(r));
-    opts.sites = sites_for(spec, r.sites);
-    opts.quant = r.quant.as_ref().map(to_dc_quant);
-    opts.max_iters = r.iterations.unwrap_or(25);
-    opts.tol = 1e-4;
+    let opts = fit_options(spec, r);
     let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
     let wm = dc::from_row_major(m, n, &w);
     let (f, iters) = match (gram, whiten) {
@@ -344,10 +350,10 @@ fn fitted(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, f: Factorization, re
     Fitted { factorization: Some(f), entry, tensors: None }
 }
 
-/// Whether [`fit_layer_gpu`] can fit this layer: svd or tt at a rank or ratio, fitted to W
-/// itself (activation-aware, tolerance and tucker/cp fits run on the CPU).
+/// Whether [`fit_layer_gpu`] can fit this layer: svd, tt, tucker or cp at a rank or ratio,
+/// fitted to W itself (activation-aware and tolerance fits run on the CPU).
 pub fn gpu_fits(r: &Resolved, whiten: Option<f64>) -> bool {
-    matches!(r.method, Method::Svd | Method::Tt) && r.tol.is_none() && whiten.is_none()
+    matches!(r.method, Method::Svd | Method::Tt | Method::Tucker | Method::Cp) && r.tol.is_none() && whiten.is_none()
 }
 
 /// [`fit_layer`] on a CUDA device (see [`gpu_fits`]): W is uploaded in its stored dtype, the
@@ -372,6 +378,23 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         RankChoice::Ratio(q) => dc::rank_for_ratio(m, n, method, q, sites.as_ref())?,
         RankChoice::Tol(_) => return Err(Error::Invalid("tolerance fits run on the CPU".into())),
     };
+    let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
+    // host factors: quantized if asked, measured on the host against the stored factors
+    let finish_on_host = |f: Factorization, iterations: usize| -> Result<Fitted> {
+        let f = match &r.quant {
+            Some(q) => f.quantized(&to_dc_quant(q))?,
+            None => f,
+        };
+        gpu::lap(device, Some(4));
+        let wh = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let rel_error = f.rel_error(dc::from_row_major(m, n, &wh).as_ref());
+        let act_error = match gram {
+            Some(c) => Some(activation_error(&wh, &f, m, n, c)?),
+            None => None,
+        };
+        gpu::lap(device, Some(5));
+        Ok(fitted(ck, spec, r, f, rel_error, act_error, iterations, factor_dtype, t0))
+    };
     let (factors, dense_hat): (Vec<Tensor>, Tensor) = match r.method {
         Method::Svd => {
             let (a, b) = gpu::truncated_svd(&w, rank)?;
@@ -383,6 +406,24 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
             let cores = gpu::tt_svd(&w, &rd, &cd, &caps)?;
             let hat = crate::linear::mpo_dense(&cores, &rd, &cd)?;
             (cores, hat)
+        }
+        Method::Tucker => {
+            let opts = fit_options(spec, r);
+            let dims = dc::sites::interleaved(&rd, &cd);
+            let fit = crate::gpu_tn::tucker_hooi(&w, &rd, &cd, &dc::tucker::ranks_for_cap(&dims, rank), opts.max_iters, opts.tol)?;
+            gpu::lap(device, Some(3));
+            let factors = fit.factors.iter().enumerate().map(|(d, f)| Factor::from_f64(vec![dims[d], fit.ranks[d]], f)).collect();
+            let core = Factor::from_f64(fit.ranks.clone(), &fit.core);
+            return finish_on_host(Factorization::Tucker { m, n, row_dims: rd, col_dims: cd, core, factors }, fit.iterations);
+        }
+        Method::Cp => {
+            let opts = fit_options(spec, r);
+            let dims = dc::sites::interleaved(&rd, &cd);
+            let fit = crate::gpu_tn::cp_als(&w, &rd, &cd, rank, opts.max_iters, opts.tol, opts.seed)?;
+            gpu::lap(device, Some(3));
+            let factors = fit.factors.iter().zip(&dims).map(|(f, &dim)| Factor::from_f64(vec![dim, rank], f)).collect();
+            let weights = fit.weights.iter().map(|&v| v as f32).collect();
+            return finish_on_host(Factorization::Cp { m, n, row_dims: rd, col_dims: cd, weights, factors }, fit.iterations);
         }
         other => return Err(Error::Invalid(format!("{} fits run on the CPU", other.name()))),
     };
@@ -396,7 +437,6 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
             _ => Factorization::Mpo { m, n, row_dims: rd.clone(), col_dims: cd.clone(), cores: factors.iter().map(fac).collect::<Result<_>>()? },
         })
     };
-    let gram = grams.and_then(|g| g.get(spec.layer, spec.role)).map(|(_, v)| v.as_slice());
     if r.quant.is_none() && gram.is_none() {
         // the common case: factors leave the device once, already in the stored dtype
         let placeholder = build(&|t: &Tensor| Ok(vec![0f32; t.elem_count()]))?;
@@ -414,21 +454,7 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         out.tensors = Some(tensors);
         return Ok(out);
     }
-    let f = build(&|t: &Tensor| Ok(t.flatten_all()?.to_vec1::<f32>()?))?;
-    let f = match &r.quant {
-        Some(q) => f.quantized(&to_dc_quant(q))?,
-        None => f,
-    };
-    gpu::lap(device, Some(4));
-    // measured on the host against the stored (quantized) factors
-    let wh = w.flatten_all()?.to_vec1::<f32>()?;
-    let rel_error = f.rel_error(dc::from_row_major(m, n, &wh).as_ref());
-    let act_error = match gram {
-        Some(c) => Some(activation_error(&wh, &f, m, n, c)?),
-        None => None,
-    };
-    gpu::lap(device, Some(5));
-    Ok(fitted(ck, spec, r, f, rel_error, act_error, 0, factor_dtype, t0))
+    finish_on_host(build(&|t: &Tensor| Ok(t.flatten_all()?.to_vec1::<f32>()?))?, 0)
 }
 
 /// Per-layer ratios for the layers whose ratio comes from the target.

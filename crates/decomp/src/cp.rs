@@ -95,7 +95,7 @@ fn gram(a: &[f64], rows: usize, r: usize) -> Vec<f64> {
 /// Grams) by a Cholesky solve with a tiny ridge; the eigen pseudo-inverse only when V is
 /// numerically singular. (An eigendecomposition per mode step made CP-ALS at rank ~1000 take
 /// minutes per layer.)
-fn solve_normal(m: &[f64], rows: usize, v: &[f64], r: usize) -> Result<Vec<f64>> {
+pub fn solve_normal(m: &[f64], rows: usize, v: &[f64], r: usize) -> Result<Vec<f64>> {
     use faer::linalg::solvers::Solve;
     let tr = (0..r).map(|i| v[i * r + i]).sum::<f64>() / r as f64;
     let ridge = 1e-12 * tr.max(f64::MIN_POSITIVE);

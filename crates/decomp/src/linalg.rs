@@ -135,7 +135,7 @@ pub(crate) fn mode_product32(t: &[f32], shape: &[usize], d: usize, mat: &[f32], 
 
 /// Eigenpairs of a symmetric row-major `k × k` matrix, eigenvalues DESCENDING, eigenvectors as
 /// columns of a row-major `k × k` buffer (column i pairs with value i).
-pub(crate) fn sym_eig_desc(g: &[f64], k: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+pub fn sym_eig_desc(g: &[f64], k: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let gm = MatRef::from_row_major_slice(g, k, k);
     let evd = gm
         .self_adjoint_eigen(Side::Lower)
@@ -191,7 +191,9 @@ pub(crate) fn thin_q64(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     to_rm(q.as_ref())
 }
 
-pub(crate) fn gaussian64(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
+/// `rows × cols` standard normal samples (row-major) from a seeded `StdRng`: the same numbers on
+/// every machine for one seed (CP's random initial columns, the range finders' test matrices).
+pub fn gaussian64(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..rows * cols).map(|_| StandardNormal.sample(&mut rng)).collect()
 }
