@@ -257,7 +257,7 @@ pub fn cp_als(w: &Tensor, rd: &[usize], cd: &[usize], r: usize, max_iters: usize
         grams.iter().enumerate().filter(|&(e, _)| Some(e) != skip).try_fold(Tensor::ones((r, r), DType::F64, &dev)?, |acc, (_, g)| acc.mul(g))
     };
     let mut weights = Tensor::ones(r, DType::F64, &dev)?;
-    let (mut rel, mut iterations, mut converged) = (1.0, 0, false);
+    let mut stop = dc::cp::AlsStop::default();
     for _ in 0..max_iters {
         let mut last_m = None;
         for d in 0..nm {
@@ -278,14 +278,9 @@ pub fn cp_als(w: &Tensor, rd: &[usize], cd: &[usize], r: usize, max_iters: usize
         let wcol = weights.unsqueeze(1)?;
         let nhat = wcol.t()?.matmul(&hadamard(None, &grams)?)?.matmul(&wcol)?.sum_all()?;
         let (inner, nhat) = (inner.to_scalar::<f64>()?, nhat.to_scalar::<f64>()?);
-        let nrel = ((norm2 - 2.0 * inner + nhat).max(0.0) / norm2).sqrt();
-        iterations += 1;
-        let change = (rel - nrel).abs();
-        rel = nrel;
-        if change < tol {
-            converged = true;
+        if stop.sweep(norm2, inner, nhat, tol) {
             break;
         }
     }
-    Ok(CpFit { weights: to_host(&weights)?, factors: factors.iter().map(to_host).collect::<CResult<_>>()?, iterations, rel_error: rel, converged })
+    Ok(CpFit { weights: to_host(&weights)?, factors: factors.iter().map(to_host).collect::<CResult<_>>()?, iterations: stop.iterations, rel_error: stop.rel_error, converged: stop.converged })
 }

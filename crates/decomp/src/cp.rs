@@ -132,6 +132,34 @@ fn pinv_sym(v: &[f64], r: usize) -> Result<Vec<f64>> {
     Ok(out)
 }
 
+/// CP-ALS's stop rule, shared by the CPU fit and the GPU one (`compactor-core`'s `gpu_tn`) so
+/// that both stop after the same sweep: the relative error from `‖T‖²`, `⟨T, T̂⟩` and `‖T̂‖²`,
+/// stop once it changes by less than `tol`.
+#[derive(Debug, Clone, Copy)]
+pub struct AlsStop {
+    pub rel_error: f64,
+    pub iterations: usize,
+    pub converged: bool,
+}
+
+impl Default for AlsStop {
+    fn default() -> Self {
+        Self { rel_error: 1.0, iterations: 0, converged: false }
+    }
+}
+
+impl AlsStop {
+    /// Records one sweep; true when the fit should stop.
+    pub fn sweep(&mut self, norm2: f64, inner: f64, nhat: f64, tol: f64) -> bool {
+        let nrel = ((norm2 - 2.0 * inner + nhat).max(0.0) / norm2).sqrt();
+        self.iterations += 1;
+        let change = (self.rel_error - nrel).abs();
+        self.rel_error = nrel;
+        self.converged = change < tol;
+        self.converged
+    }
+}
+
 pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize, max_iters: usize, tol: f64, seed: u64) -> Result<CpResult> {
     let dims = crate::sites::interleaved(row_dims, col_dims);
     let t = crate::sites::matrix_to_tensor(w, row_dims, col_dims);
@@ -156,9 +184,7 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
     }
     let mut grams: Vec<Vec<f64>> = factors.iter().zip(&dims).map(|(f, &d)| gram(f, d, r)).collect();
     let mut weights = vec![1.0; r];
-    let mut rel = 1.0;
-    let mut iterations = 0;
-    let mut converged = false;
+    let mut stop = AlsStop::default();
     for _ in 0..max_iters {
         let mut last_m = Vec::new();
         for d in 0..nm {
@@ -205,16 +231,11 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
                 nhat += weights[i] * h[i * r + j] * weights[j];
             }
         }
-        let nrel = ((norm2 - 2.0 * inner + nhat).max(0.0) / norm2).sqrt();
-        iterations += 1;
-        let change = (rel - nrel).abs();
-        rel = nrel;
-        if change < tol {
-            converged = true;
+        if stop.sweep(norm2, inner, nhat, tol) {
             break;
         }
     }
-    Ok(CpResult { weights, factors, iterations, rel_error: rel, converged })
+    Ok(CpResult { weights, factors, iterations: stop.iterations, rel_error: stop.rel_error, converged: stop.converged })
 }
 
 /// Khatri–Rao products of the row factors (modes 0,2,4,…) and column factors (1,3,5,…).
