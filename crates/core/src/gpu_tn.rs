@@ -239,6 +239,7 @@ fn solve_normal(m: &Tensor, v: &Tensor) -> crate::Result<Tensor> {
 /// than `tol` or after `max_iters` sweeps.
 pub fn cp_als(w: &Tensor, rd: &[usize], cd: &[usize], r: usize, max_iters: usize, tol: f64, seed: u64) -> crate::Result<CpFit> {
     let dims = dc::sites::interleaved(rd, cd);
+    dc::cp::check_als_size(w.dim(0)?, w.dim(1)?, dims.len(), r)?;
     let t = tensorize(w, rd, cd)?;
     let dev = t.device().clone();
     let nm = dims.len();

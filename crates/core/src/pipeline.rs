@@ -291,6 +291,15 @@ pub struct Fitted {
     pub tensors: Option<Vec<OwnedTensor>>,
 }
 
+/// A fit's error with the layer's name in front, where the error does not know it (the
+/// decomposition's and the tensor library's; file errors already name their file).
+fn in_layer(name: &str) -> impl FnOnce(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Decomp(_) | Error::Candle(_) => Error::Invalid(format!("{name}: {e}")),
+        e => e,
+    }
+}
+
 /// The decomposition options of one layer's fit, on the CPU and on the GPU alike.
 fn fit_options(spec: &LinearSpec, r: &Resolved) -> FactorizeOptions {
     let mut opts = FactorizeOptions::new(to_dc_method(r.method), rank_choice(r));
@@ -665,9 +674,10 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
             let on_gpu = dev.is_cuda() && gpu_fits(r, whiten);
             let mut f = match on_gpu {
                 #[cfg(feature = "cuda")]
-                true => fit_layer_gpu(&ck, spec, r, grams.as_ref(), factor_dtype, dev)?,
-                _ => fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype)?,
-            };
+                true => fit_layer_gpu(&ck, spec, r, grams.as_ref(), factor_dtype, dev),
+                _ => fit_layer(&ck, spec, r, grams.as_ref(), whiten, factor_dtype),
+            }
+            .map_err(in_layer(&spec.name))?;
             if f.tensors.is_none() {
                 f.tensors = Some(factor_tensors(&spec.name, f.factorization.as_ref().expect("host factors"), factor_dtype));
             }

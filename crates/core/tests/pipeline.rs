@@ -195,3 +195,26 @@ fn energy_and_sensitivity_allocations_meet_the_budget() {
         assert!(ranks.len() > 1, "{alloc:?}: the allocation should differ across layers");
     }
 }
+
+#[test]
+fn a_failing_fit_names_its_layer_and_leaves_no_output() {
+    // a 1024-wide model: cp at half the parameters asks for rank 10 699 on q_proj, whose ALS
+    // would need 9.4 GiB of r × r matrices: refused before anything is allocated
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("wide");
+    let sc = compactor_core::synth::SynthConfig {
+        layers: 1,
+        intermediate: 1024,
+        vocab: 256,
+        dtype: "f32".into(),
+        ..compactor_core::synth::SynthConfig::llama_200mb()
+    };
+    compactor_core::synth::write_synthetic(&model, &sc, None, &Device::Cpu, &NoProgress).unwrap();
+    let mut plan = Plan::simple(Method::Cp, Some(0.5), None);
+    plan.default.sites = Some(4);
+    let out = dir.path().join("out");
+    let e = compress(&model, &plan, &out, &CompressOptions::default(), &NoProgress).unwrap_err().to_string();
+    assert!(e.starts_with("model.layers.0.self_attn.q_proj: cp at rank 10699 on a 1024 x 1024 matrix"), "{e}");
+    assert!(e.contains("choose rank 9879 or less"), "{e}");
+    assert!(!out.exists());
+}

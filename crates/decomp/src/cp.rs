@@ -132,6 +132,24 @@ fn pinv_sym(v: &[f64], r: usize) -> Result<Vec<f64>> {
     Ok(out)
 }
 
+/// The most memory CP-ALS may ask for: its r × r f64 matrices (one Gram per mode, the
+/// Hadamard product V, and the solver's copy) grow with the square of the rank, and the rank that
+/// keeps half the parameters of a 4096 × 4096 matrix (~129 000) would need over a terabyte.
+pub const ALS_MAX_BYTES: usize = 8 << 30;
+
+/// Checks, before anything is allocated, that CP-ALS at rank `r` on an `m × n` matrix with
+/// `modes` tensor modes fits in [`ALS_MAX_BYTES`] (the CPU fit and the GPU one hold the same
+/// r × r matrices).
+pub fn check_als_size(m: usize, n: usize, modes: usize, r: usize) -> Result<()> {
+    let count = modes + 3;
+    let bytes = |r: usize| (count as f64) * (r as f64) * (r as f64) * 8.0;
+    if bytes(r) <= ALS_MAX_BYTES as f64 {
+        return Ok(());
+    }
+    let max_rank = ((ALS_MAX_BYTES as f64 / (count as f64 * 8.0)).sqrt().floor() as usize).max(1);
+    Err(crate::DecompError::CpTooLarge { rank: r, m, n, count, needed_gib: bytes(r) / (1u64 << 30) as f64, limit_gib: ALS_MAX_BYTES >> 30, max_rank })
+}
+
 /// CP-ALS's stop rule, shared by the CPU fit and the GPU one (`compactor-core`'s `gpu_tn`) so
 /// that both stop after the same sweep: the relative error from `‖T‖²`, `⟨T, T̂⟩` and `‖T̂‖²`,
 /// stop once it changes by less than `tol`.
@@ -162,6 +180,7 @@ impl AlsStop {
 
 pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize, max_iters: usize, tol: f64, seed: u64) -> Result<CpResult> {
     let dims = crate::sites::interleaved(row_dims, col_dims);
+    check_als_size(row_dims.iter().product(), col_dims.iter().product(), dims.len(), r)?;
     let t = crate::sites::matrix_to_tensor(w, row_dims, col_dims);
     let nm = dims.len();
     let norm2: f64 = t.iter().map(|v| v * v).sum::<f64>().max(f64::MIN_POSITIVE);

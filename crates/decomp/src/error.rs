@@ -34,6 +34,8 @@ pub enum DecompError {
     Shape(String),
     #[error("tensor set does not match metadata: {0}")]
     Tensors(String),
+    #[error("cp at rank {rank} on a {m} x {n} matrix needs {needed_gib:.1} GiB for ALS's {count} matrices of {rank} x {rank} (the limit is {limit_gib} GiB): choose rank {max_rank} or less (a lower ratio), or svd, tt or tucker")]
+    CpTooLarge { rank: usize, m: usize, n: usize, count: usize, needed_gib: f64, limit_gib: usize, max_rank: usize },
     #[error("linear algebra failure: {0}")]
     Linalg(String),
 }

@@ -356,3 +356,27 @@ fn error_curve_is_monotone_for_svd() {
     assert!(svd.windows(2).all(|p| p[1].rel_error <= p[0].rel_error));
     assert!(pts.iter().all(|p| p.params as f64 <= p.ratio * 1600.0));
 }
+
+#[test]
+fn cp_refuses_ranks_whose_als_matrices_exceed_the_memory_limit() {
+    // 1024 × 1024 on 4 sites (dims 4·4·8·8 each side): ratio 0.5 asks for rank 10 699, whose 11
+    // r × r f64 matrices need 9.4 GiB; the limit (8 GiB) allows rank 9 879
+    let w = Mat::from_fn(1024, 1024, |i, j| ((i * 7 + j * 3) % 11) as f32 - 5.0);
+    let mut o = opts(Method::Cp, RankChoice::Ratio(0.5));
+    o.sites = Some((vec![4, 4, 8, 8], vec![4, 4, 8, 8]));
+    let r = rank_for_ratio(1024, 1024, Method::Cp, 0.5, o.sites.as_ref()).unwrap();
+    assert_eq!(r, 10699);
+    match factorize(w.as_ref(), &o) {
+        Err(DecompError::CpTooLarge { rank, m, n, count, max_rank, limit_gib, needed_gib }) => {
+            assert_eq!((rank, m, n, count, max_rank, limit_gib), (10699, 1024, 1024, 11, 9879, 8));
+            assert!((needed_gib - 11.0 * 10699f64.powi(2) * 8.0 / (1u64 << 30) as f64).abs() < 1e-9);
+        }
+        other => panic!("expected CpTooLarge, got {:?}", other.map(|f| f.ranks())),
+    }
+    // the message names the rank, the shape and what to do
+    let msg = factorize(w.as_ref(), &o).unwrap_err().to_string();
+    assert!(msg.contains("rank 10699 on a 1024 x 1024 matrix") && msg.contains("choose rank 9879 or less"), "{msg}");
+    // at the largest allowed rank the check passes (the fit itself is not run here)
+    assert!(cp::check_als_size(1024, 1024, 8, 9879).is_ok());
+    assert!(cp::check_als_size(1024, 1024, 8, 9880).is_err());
+}
