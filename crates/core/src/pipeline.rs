@@ -300,6 +300,24 @@ fn in_layer(name: &str) -> impl FnOnce(Error) -> Error + '_ {
     }
 }
 
+/// Refuses, before any fit runs, a layer whose fit would need more memory than is sane: CP-ALS
+/// at a rank whose r × r matrices exceed `cp::ALS_MAX_BYTES` (a tolerance fit, which tries
+/// ranks as it goes, is checked by the fit itself).
+fn check_fit_sizes(specs: &[LinearSpec], resolved: &[Resolved]) -> Result<()> {
+    for (spec, r) in specs.iter().zip(resolved).filter(|(_, r)| r.method == Method::Cp) {
+        let (m, n) = (spec.out_features, spec.in_features);
+        let sites = sites_for(spec, r.sites);
+        let rank = match rank_choice(r) {
+            RankChoice::Rank(k) => k,
+            RankChoice::Ratio(q) => dc::rank_for_ratio(m, n, dc::Method::Cp, q, sites.as_ref())?,
+            RankChoice::Tol(_) => continue,
+        };
+        let (rd, _) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
+        dc::cp::check_als_size(m, n, 2 * rd.len(), rank).map_err(|e| in_layer(&spec.name)(e.into()))?;
+    }
+    Ok(())
+}
+
 /// The decomposition options of one layer's fit, on the CPU and on the GPU alike.
 fn fit_options(spec: &LinearSpec, r: &Resolved) -> FactorizeOptions {
     let mut opts = FactorizeOptions::new(to_dc_method(r.method), rank_choice(r));
@@ -630,6 +648,7 @@ pub fn compress(source: &Path, plan: &Plan, out: &Path, opts: &CompressOptions, 
         None => None,
     };
     let scores = allocate(&ck, plan, &specs, &mut resolved, calib.as_deref(), &opts.device, progress)?;
+    check_fit_sizes(&specs, &resolved)?;
     let whiten = plan.calibration.as_ref().filter(|_| plan.activation_aware).map(|c| c.damping);
     let src_dtype = ck.info(&format!("{}.weight", specs[0].name)).and_then(|i| crate::checkpoint::float_dtype(&i.dtype)).unwrap_or(DType::F32);
     let factor_dtype = opts.factor_dtype.unwrap_or(if src_dtype == DType::F32 { DType::F32 } else { DType::BF16 });
@@ -782,6 +801,7 @@ pub fn preview(source: &Path, plan: &Plan, with_errors: bool, progress: &dyn Pro
     if plan.allocation == Allocation::Energy {
         allocate(&ck, plan, &specs, &mut resolved, None, &Device::Cpu, progress)?;
     }
+    check_fit_sizes(&specs, &resolved)?;
     let mut rows = Vec::new();
     progress.start("preview", specs.len() as u64);
     for (spec, r) in specs.iter().zip(&resolved) {

@@ -217,4 +217,11 @@ fn a_failing_fit_names_its_layer_and_leaves_no_output() {
     assert!(e.starts_with("model.layers.0.self_attn.q_proj: cp at rank 10699 on a 1024 x 1024 matrix"), "{e}");
     assert!(e.contains("choose rank 9879 or less"), "{e}");
     assert!(!out.exists());
+    // the plan preview (the app's plan editor) refuses it the same way, before any fit
+    let e = compactor_core::pipeline::preview(&model, &plan, false, &NoProgress).unwrap_err().to_string();
+    assert!(e.starts_with("model.layers.0.self_attn.q_proj: cp at rank 10699"), "{e}");
+    // at a rank within the limit the preview goes through
+    plan.default.ratio = Some(0.4);
+    let rows = compactor_core::pipeline::preview(&model, &plan, false, &NoProgress).unwrap();
+    assert!(rows.iter().all(|r| r.method == "cp" && r.rank <= 9879), "{:?}", rows.iter().map(|r| r.rank).collect::<Vec<_>>());
 }
