@@ -91,26 +91,55 @@ fn gram(a: &[f64], rows: usize, r: usize) -> Vec<f64> {
     mm64(a, rows, r, true, a, rows, r, false)
 }
 
+/// [`gram`] into an existing r × r buffer.
+fn gram_into(a: &[f64], rows: usize, r: usize, out: &mut [f64]) {
+    let la = faer::MatRef::from_row_major_slice(a, rows, r);
+    let dst = faer::MatMut::from_row_major_slice_mut(out, r, r);
+    faer::linalg::matmul::matmul(dst, faer::Accum::Replace, la.transpose(), la, 1.0, crate::linalg::par());
+}
+
 /// A = M V⁻¹ (M: rows × r, V: r × r symmetric PSD, the Hadamard product of the other modes'
 /// Grams) by a Cholesky solve with a tiny ridge; the eigen pseudo-inverse only when V is
 /// numerically singular. (An eigendecomposition per mode step made CP-ALS at rank ~1000 take
 /// minutes per layer.)
 pub fn solve_normal(m: &[f64], rows: usize, v: &[f64], r: usize) -> Result<Vec<f64>> {
-    use faer::linalg::solvers::Solve;
-    let tr = (0..r).map(|i| v[i * r + i]).sum::<f64>() / r as f64;
-    let ridge = 1e-12 * tr.max(f64::MIN_POSITIVE);
-    let vm = faer::Mat::<f64>::from_fn(r, r, |i, j| v[i * r + j] + if i == j { ridge } else { 0.0 });
-    match vm.llt(faer::Side::Lower) {
-        Ok(llt) => {
-            // V Aᵀ = Mᵀ
-            let mt = faer::Mat::<f64>::from_fn(r, rows, |i, j| m[j * r + i]);
-            let x = llt.solve(&mt);
-            Ok((0..rows).flat_map(|i| (0..r).map(move |c| (i, c))).map(|(i, c)| x[(c, i)]).collect())
+    NormalSolver::new(r).solve(m, rows, v)
+}
+
+/// [`solve_normal`] with its r × r factor and scratch kept between calls: CP-ALS solves one
+/// such system per mode step, and fresh r × r buffers (above glibc's mmap threshold, which the
+/// CLI lowers to 4 MiB) were page-faulted in anew every time.
+struct NormalSolver {
+    l: faer::Mat<f64>,
+    scratch: faer::dyn_stack::MemBuffer,
+}
+
+impl NormalSolver {
+    fn new(r: usize) -> Self {
+        let req = faer::linalg::cholesky::llt::factor::cholesky_in_place_scratch::<f64>(r, crate::linalg::par(), Default::default());
+        Self { l: faer::Mat::zeros(r, r), scratch: faer::dyn_stack::MemBuffer::new(req) }
+    }
+
+    fn solve(&mut self, m: &[f64], rows: usize, v: &[f64]) -> Result<Vec<f64>> {
+        use faer::linalg::cholesky::llt;
+        let r = self.l.nrows();
+        let tr = (0..r).map(|i| v[i * r + i]).sum::<f64>() / r as f64;
+        let ridge = 1e-12 * tr.max(f64::MIN_POSITIVE);
+        for j in 0..r {
+            for i in 0..r {
+                self.l[(i, j)] = v[i * r + j] + if i == j { ridge } else { 0.0 };
+            }
         }
-        Err(_) => {
+        let stack = faer::dyn_stack::MemStack::new(&mut self.scratch);
+        let par = crate::linalg::par();
+        if llt::factor::cholesky_in_place(self.l.as_mut(), Default::default(), par, stack, Default::default()).is_err() {
             let vp = pinv_sym(v, r)?;
-            Ok(mm64(m, rows, r, false, &vp, r, r, false))
+            return Ok(mm64(m, rows, r, false, &vp, r, r, false));
         }
+        // V Aᵀ = Mᵀ
+        let mut x = faer::Mat::<f64>::from_fn(r, rows, |i, j| m[j * r + i]);
+        llt::solve::solve_in_place_with_conj(self.l.as_ref(), faer::Conj::No, x.as_mut(), par, stack);
+        Ok((0..rows).flat_map(|i| (0..r).map(move |c| (i, c))).map(|(i, c)| x[(c, i)]).collect())
     }
 }
 
@@ -204,11 +233,14 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
     let mut grams: Vec<Vec<f64>> = factors.iter().zip(&dims).map(|(f, &d)| gram(f, d, r)).collect();
     let mut weights = vec![1.0; r];
     let mut stop = AlsStop::default();
+    // the r × r buffers of every mode step, allocated once
+    let mut v = vec![1.0; r * r];
+    let mut solver = NormalSolver::new(r);
     for _ in 0..max_iters {
         let mut last_m = Vec::new();
         for d in 0..nm {
             let m = mttkrp(&t, &dims, &factors, d, r);
-            let mut v = vec![1.0; r * r];
+            v.fill(1.0);
             for (e, g) in grams.iter().enumerate() {
                 if e != d {
                     for (x, y) in v.iter_mut().zip(g) {
@@ -216,7 +248,7 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
                     }
                 }
             }
-            let mut a = solve_normal(&m, dims[d], &v, r)?;
+            let mut a = solver.solve(&m, dims[d], &v)?;
             for c in 0..r {
                 let nrm = (0..dims[d]).map(|i| a[i * r + c] * a[i * r + c]).sum::<f64>().sqrt();
                 weights[c] = nrm;
@@ -226,7 +258,7 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
                     }
                 }
             }
-            grams[d] = gram(&a, dims[d], r);
+            gram_into(&a, dims[d], r, &mut grams[d]);
             factors[d] = a;
             last_m = m;
         }
@@ -238,7 +270,8 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
                 inner += last_m[i * r + c] * factors[d][i * r + c] * weights[c];
             }
         }
-        let mut h = vec![1.0; r * r];
+        let h = &mut v;
+        h.fill(1.0);
         for g in &grams {
             for (x, y) in h.iter_mut().zip(g) {
                 *x *= y;
