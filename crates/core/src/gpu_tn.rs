@@ -62,8 +62,7 @@ fn mode_eigvecs(t: &Tensor, d: usize) -> crate::Result<Vec<f64>> {
 
 /// The first `r` columns of a row-major `rows × cols` buffer, as a `rows × r` device tensor.
 fn leading_cols(u: &[f64], rows: usize, cols: usize, r: usize, dev: &candle_core::Device) -> CResult<Tensor> {
-    let v: Vec<f64> = (0..rows).flat_map(|i| u[i * cols..i * cols + r].iter().copied()).collect();
-    Tensor::from_vec(v, (rows, r), dev)
+    Tensor::from_vec(dc::tucker::take_cols(u, rows, cols, r), (rows, r), dev)
 }
 
 fn to_host(t: &Tensor) -> CResult<Vec<f64>> {
@@ -89,11 +88,8 @@ pub fn tucker_hooi(w: &Tensor, rd: &[usize], cd: &[usize], caps: &[usize], max_i
     let norm2 = t.sqr()?.sum_all()?.to_scalar::<f64>()?;
     let ranks: Vec<usize> = (0..nm).map(|d| caps[d].min(dims[d]).max(1)).collect();
     let mut factors = (0..nm).map(|d| Ok(leading_cols(&mode_eigvecs(&t, d)?, dims[d], dims[d], ranks[d], &dev)?)).collect::<crate::Result<Vec<_>>>()?;
-    // the modes in the order the CPU applies them: the biggest reductions first
     let project_all_but = |factors: &[Tensor], skip: Option<usize>| -> CResult<Tensor> {
-        let mut order: Vec<usize> = (0..nm).filter(|&e| Some(e) != skip).collect();
-        order.sort_by(|&a, &b| (ranks[a] as f64 / dims[a] as f64).partial_cmp(&(ranks[b] as f64 / dims[b] as f64)).unwrap());
-        order.into_iter().try_fold(t.clone(), |y, e| mode_product(&y, e, &factors[e].t()?))
+        dc::tucker::projection_order(&dims, &ranks, skip).into_iter().try_fold(t.clone(), |y, e| mode_product(&y, e, &factors[e].t()?))
     };
     let err_of = |core: &Tensor| -> CResult<f64> {
         let c2 = core.sqr()?.sum_all()?.to_scalar::<f64>()?;
@@ -248,10 +244,7 @@ pub fn cp_als(w: &Tensor, rd: &[usize], cd: &[usize], r: usize, max_iters: usize
     let norm2 = t.sqr()?.sum_all()?.to_scalar::<f64>()?.max(f64::MIN_POSITIVE);
     let mut factors = Vec::with_capacity(nm);
     for (d, &dim) in dims.iter().enumerate() {
-        let vecs = mode_eigvecs(&t, d)?;
-        let rnd = dc::gaussian64(dim, r, seed.wrapping_add(d as u64));
-        let scale = (dim as f64).sqrt();
-        let f: Vec<f64> = (0..dim).flat_map(|i| (0..r).map(move |c| (i, c))).map(|(i, c)| if c < dim { vecs[i * dim + c] } else { rnd[i * r + c] / scale }).collect();
+        let f = dc::cp::start_columns(&mode_eigvecs(&t, d)?, dim, r, seed.wrapping_add(d as u64));
         factors.push(Tensor::from_vec(f, (dim, r), &dev)?);
     }
     let gram = |a: &Tensor| a.t()?.matmul(a);

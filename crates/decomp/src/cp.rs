@@ -88,10 +88,12 @@ fn mttkrp(t: &[f64], dims: &[usize], factors: &[Vec<f64>], d: usize, r: usize) -
 }
 
 fn gram(a: &[f64], rows: usize, r: usize) -> Vec<f64> {
-    mm64(a, rows, r, true, a, rows, r, false)
+    let mut out = vec![0.0; r * r];
+    gram_into(a, rows, r, &mut out);
+    out
 }
 
-/// [`gram`] into an existing r × r buffer.
+/// [`gram`] into an existing r × r buffer (ALS's per-step Grams, without a fresh allocation).
 fn gram_into(a: &[f64], rows: usize, r: usize, out: &mut [f64]) {
     let la = faer::MatRef::from_row_major_slice(a, rows, r);
     let dst = faer::MatMut::from_row_major_slice_mut(out, r, r);
@@ -207,6 +209,15 @@ impl AlsStop {
     }
 }
 
+/// A mode's starting factor (`dim × r`, row-major): its Gram's eigenvectors (`vecs`, columns of
+/// a row-major `dim × dim` buffer, descending) first, seeded normal columns scaled by 1/√dim
+/// beyond them; the CPU fit and `compactor-core`'s GPU one start from the same numbers.
+pub fn start_columns(vecs: &[f64], dim: usize, r: usize, seed: u64) -> Vec<f64> {
+    let rnd = gaussian64(dim, r, seed);
+    let scale = (dim as f64).sqrt();
+    (0..dim).flat_map(|i| (0..r).map(move |c| (i, c))).map(|(i, c)| if c < dim { vecs[i * dim + c] } else { rnd[i * r + c] / scale }).collect()
+}
+
 pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize, max_iters: usize, tol: f64, seed: u64) -> Result<CpResult> {
     let dims = crate::sites::interleaved(row_dims, col_dims);
     check_als_size(row_dims.iter().product(), col_dims.iter().product(), dims.len(), r)?;
@@ -221,14 +232,7 @@ pub(crate) fn cp_als(w: &[f64], row_dims: &[usize], col_dims: &[usize], r: usize
         let u = unfold(&t, &dims, d);
         let g = mm64(&u, dim, rest, false, &u, dim, rest, true);
         let (_, vecs) = sym_eig_desc(&g, dim)?;
-        let rnd = gaussian64(dim, r, seed.wrapping_add(d as u64));
-        let mut f = vec![0.0; dim * r];
-        for i in 0..dim {
-            for c in 0..r {
-                f[i * r + c] = if c < dim { vecs[i * dim + c] } else { rnd[i * r + c] / (dim as f64).sqrt() };
-            }
-        }
-        factors.push(f);
+        factors.push(start_columns(&vecs, dim, r, seed.wrapping_add(d as u64)));
     }
     let mut grams: Vec<Vec<f64>> = factors.iter().zip(&dims).map(|(f, &d)| gram(f, d, r)).collect();
     let mut weights = vec![1.0; r];

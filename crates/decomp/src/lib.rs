@@ -50,7 +50,7 @@ pub use factorization::{
     factorize, factorize_report, max_rank, params_at_rank, predict, rank_for_ratio, FactorMeta, Factorization, FactorizeOptions, FitReport, Kind,
     Method, NamedTensor, Prediction, RankChoice, TensorData,
 };
-pub use linalg::{from_row_major, gaussian64, sym_eig_desc, to_row_major};
+pub use linalg::{from_row_major, sym_eig_desc, to_row_major};
 pub use quant::{Bits, QuantSpec, Quantized};
 pub use spectrum::{singular_values, spectrum, Spectrum};
 pub use svd::SvdAlgo;

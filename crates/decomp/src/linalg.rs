@@ -193,7 +193,7 @@ pub(crate) fn thin_q64(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
 
 /// `rows × cols` standard normal samples (row-major) from a seeded `StdRng`: the same numbers on
 /// every machine for one seed (CP's random initial columns, the range finders' test matrices).
-pub fn gaussian64(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
+pub(crate) fn gaussian64(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..rows * cols).map(|_| StandardNormal.sample(&mut rng)).collect()
 }

@@ -45,8 +45,18 @@ fn mode_eig(t: &[f64], shape: &[usize], d: usize) -> Result<(Vec<f64>, Vec<f64>)
     sym_eig_desc(&g, dim)
 }
 
-fn take_cols(u: &[f64], rows: usize, cols: usize, r: usize) -> Vec<f64> {
+/// The first `r` columns of a row-major `rows × cols` buffer (row-major `rows × r`): a mode's
+/// leading eigenvectors (also `compactor-core`'s GPU HOOI).
+pub fn take_cols(u: &[f64], rows: usize, cols: usize, r: usize) -> Vec<f64> {
     (0..rows).flat_map(|i| u[i * cols..i * cols + r].iter().copied()).collect()
+}
+
+/// The modes HOOI projects onto their factors, all but `skip`, biggest reductions (smallest
+/// rank / dim) first; the CPU fit and `compactor-core`'s GPU one apply them in this order.
+pub fn projection_order(dims: &[usize], ranks: &[usize], skip: Option<usize>) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..dims.len()).filter(|&e| Some(e) != skip).collect();
+    order.sort_by(|&a, &b| (ranks[a] as f64 / dims[a] as f64).partial_cmp(&(ranks[b] as f64 / dims[b] as f64)).unwrap());
+    order
 }
 
 /// `ranks`: per-mode caps; `mode_tol2`: per-mode discarded energy allowed (0 = rank only).
@@ -67,10 +77,7 @@ pub(crate) fn tucker_hooi(w: &[f64], row_dims: &[usize], col_dims: &[usize], cap
     let project_all_but = |factors: &Vec<Vec<f64>>, skip: Option<usize>| -> (Vec<f64>, Vec<usize>) {
         let mut y = t.clone();
         let mut shape = dims.clone();
-        // apply the biggest reductions first
-        let mut order: Vec<usize> = (0..nm).filter(|&e| Some(e) != skip).collect();
-        order.sort_by(|&a, &b| (ranks[a] as f64 / dims[a] as f64).partial_cmp(&(ranks[b] as f64 / dims[b] as f64)).unwrap());
-        for e in order {
+        for e in projection_order(&dims, &ranks, skip) {
             let ut = permute(&factors[e], &[dims[e], ranks[e]], &[1, 0]);
             let (ny, ns) = mode_product64(&y, &shape, e, &ut, ranks[e]);
             y = ny;
