@@ -5,11 +5,11 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
 #   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
-#     also: svd_only, graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     also: svd_only, aware (the decode-aware plan), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
-#     DECODE_ENVS), spectra_env / plan_env (spectra
+#     DECODE_ENVS), decode_same (greedy tokens of DECODE_MODELS under each of DECODE_ENVS), spectra_env / plan_env (spectra
 #     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), decode_curve (decode
 #     against the share of parameters kept), warm (one small GPU run first), ncu_step
 #     (Nsight Compute on one decode step's kernels), plan_cold (the svd plan after emptying the driver's JIT cache, with and
@@ -152,6 +152,11 @@ svd_only() {
 step "Compactor svd plan at 0.5 (for decode)"
 compress_once /tmp/g8b-svd --method svd --ratio 0.5
 }
+# aware: the decode-aware plan at half the parameters (scripts/plans/granite-8b-decode-50.json)
+aware() {
+step "Compactor decode-aware plan (for decode)"
+compress_once /tmp/g8b-aware --plan scripts/plans/granite-8b-decode-50.json
+}
 # the decode step as one CUDA graph on granite-tiny: same tokens as candle ops, logits agree
 graph_tiny() {
 [ -d /tmp/gt-svd-cuda ] || timeout 100 $B compress $G --method svd --ratio 0.5 --device cuda --out /tmp/gt-svd-cuda > /dev/null
@@ -236,6 +241,14 @@ for cfg in ${DECODE_ENVS:--}; do
   echo "decode with ${cfg}"
   env $(vars "$cfg") timeout 120 $B bench decode /tmp/g8b ${DECODE_MODELS:-/tmp/g8b-svd} --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch ${DECODE_BATCH:-1} --paths ${PATHS:-fused} 2>/dev/null | grep -E "^/tmp"
 done
+}
+# decode_same: greedy bf16 tokens of DECODE_MODELS under each of DECODE_ENVS (the step graph's
+# kernel choices must not change what is generated)
+decode_same() {
+step "decode: the same greedy tokens under each of DECODE_ENVS"
+for cfg in ${DECODE_ENVS:--}; do for v in ${DECODE_MODELS:-/tmp/g8b-svd}; do
+  env $(vars "$cfg") timeout 120 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 16 --device cuda --dtype bf16 2>/dev/null | tail -1 | md5sum | sed "s|-\$|$(basename $v) $cfg|"
+done; done
 }
 # the first GPU process on a fresh machine is slower (driver JIT cache): one small run first
 warm() {

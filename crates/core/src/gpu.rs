@@ -786,6 +786,11 @@ const GEMV_SRC: &str = r#"
 #ifndef GEMV_P
 #define GEMV_P 4
 #endif
+// GEMV_PL: the chunks per lane of the long-preload kinds (`_l`, batch ≤ 2), launched where a
+// warp's whole share of its rows fits in them but not in GEMV_P.
+#ifndef GEMV_PL
+#define GEMV_PL 8
+#endif
 #ifdef GEMV_MINB
 #define GEMV_LB __launch_bounds__(256, GEMV_MINB)
 #else
@@ -898,7 +903,7 @@ __device__ __forceinline__ void store(const Seg& s, int row, int b, float a0, fl
 // - OUT 1: y is the residual stream, y += s · rbf(x Wᵀ);
 // - OUT 2 (R = 2): output j pairs row j of w (times x) with row j of w2 (times x2, or x with
 //   NORM): y_j = silu(g) · u — the gate and up products of a block, or their A factors.
-template <int B, int R, bool NORM, int OUT>
+template <int B, int R, bool NORM, int OUT, int P>
 __device__ void gemv(const Seg& s, int blk) {
     static_assert(OUT != 2 || R == 2, "a pair is two rows");
     constexpr int RG = OUT == 2 ? 1 : R;      // outputs per warp group
@@ -929,7 +934,6 @@ __device__ void gemv(const Seg& s, int blk) {
         xr[r] = (const uint4*)(SEPX && r == 1 ? s.x2 : s.x);
     }
     // the first P column chunks of this warp's rows, loaded before waiting for x
-    constexpr int P = GEMV_P;
     const int v0 = part * 32 + lane, stride = 32 * split;
     uint4 pre[P][R];
 #pragma unroll
@@ -1067,13 +1071,18 @@ __device__ void gemv_tc(const Seg& s, int blk, int batch) {
 extern "C" __global__ void gemv_tc8(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<1>(s, blk, g.batch); }
 extern "C" __global__ void gemv_tc16(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<2>(s, blk, g.batch); }
 #define GEMVK(NAME, B, R, NORM, OUT) \
-    extern "C" __global__ void GEMV_LB NAME##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT>(s, blk); }
+    extern "C" __global__ void GEMV_LB NAME##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT, GEMV_P>(s, blk); }
+#define GEMVKL(NAME, B, R, NORM, OUT) \
+    extern "C" __global__ void GEMV_LB NAME##B##_l(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT, GEMV_PL>(s, blk); }
 #define GEMV(B, R) GEMVK(gemv_b, B, R, false, 0)
 GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
 GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
 // the fused kinds (batch ≤ 8): n norm in, r residual out, np norm in and pairs out, p pairs out
 #define FUSED(B, R) GEMVK(gemvn_b, B, R, true, 0) GEMVK(gemvr_b, B, R, false, 1) GEMVK(gemvnp_b, B, 2, true, 2) GEMVK(gemvp_b, B, 2, false, 2)
 FUSED(1, 1) FUSED(2, 1) FUSED(3, 2) FUSED(4, 2) FUSED(5, 2) FUSED(6, 2) FUSED(7, 2) FUSED(8, 2)
+// the long-preload kinds (batch 1 and 2), every one of the above
+#define LONG(B) GEMVKL(gemv_b, B, 1, false, 0) GEMVKL(gemvn_b, B, 1, true, 0) GEMVKL(gemvr_b, B, 1, false, 1) GEMVKL(gemvnp_b, B, 2, true, 2) GEMVKL(gemvp_b, B, 2, false, 2)
+LONG(1) LONG(2)
 "#;
 
 /// Rows of one warp group for batch `b` (must match GEMV_SRC).
@@ -1238,16 +1247,47 @@ fn addr<T>(dev: &candle_core::cuda::CudaDevice, v: &cudarc::driver::CudaView<T>)
 
 /// The kernel-side form of product `p` starting at block `first`, and its block count; `rg`:
 /// outputs per warp group of the CUDA-core kernel (1 for pairs, else [`rows_per_warp`]).
-fn seg_for(mode: u8, rg: usize, p: &Product, first: usize) -> (Seg, usize) {
+fn seg_for(mode: u8, rg: usize, p: &Product, first: usize, fit: usize) -> (Seg, usize) {
     // tensor cores: 16 rows per block; CUDA cores: 8 warps in groups of `split`, each group 1–2 rows
     let (split, nb) = if mode == 2 {
         (0, p.rows.div_ceil(16))
     } else {
         let groups = p.rows.div_ceil(rg);
-        let split = split_for(groups, p.cols / 8);
+        let mut split = split_for(groups, p.cols / 8);
+        while fit > 0 && split < 8 && (p.cols / 8).div_ceil(32 * split) > fit {
+            split *= 2;
+        }
         (split, groups.div_ceil(8 / split))
     };
     (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, ..Default::default() }, nb)
+}
+
+/// Column chunks (of 8) each lane preloads before the PDL wait: `GEMV_P` and `GEMV_PL` in GEMV_SRC.
+const PRELOAD: usize = 4;
+const PRELOAD_LONG: usize = 8;
+/// Batches the long-preload kinds (`_l`) are compiled for.
+const LONG_MAX_BATCH: usize = 2;
+
+/// A setting read once from the environment (a number; `default` when unset or unreadable).
+fn env_usize(name: &'static str, cell: &'static OnceLock<usize>, default: usize) -> usize {
+    *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+}
+
+/// The column split of batch-`b` CUDA-core launches is raised (up to 8 warps a row) until each
+/// lane reads at most this many chunks of a row (`COMPACTOR_SPLIT_FIT`; 0, the default: not raised).
+fn split_fit(b: usize) -> usize {
+    static FIT: OnceLock<usize> = OnceLock::new();
+    if b <= LONG_MAX_BATCH { env_usize("COMPACTOR_SPLIT_FIT", &FIT, 0) } else { 0 }
+}
+
+/// The kernel of a CUDA-core launch: `base` + batch, or its long-preload kind where a lane's whole
+/// share of some product's rows fits in the long preload but not the short one
+/// (`COMPACTOR_GEMV_LONG=0` turns the long kinds off).
+fn kind_name(base: &str, b: usize, segs: &Segs) -> String {
+    static LONG: OnceLock<usize> = OnceLock::new();
+    let most = segs.s[..segs.n as usize].iter().map(|s| (s.cols as usize / 8).div_ceil(32 * s.split.max(1) as usize)).max().unwrap_or(0);
+    let long = b <= LONG_MAX_BATCH && env_usize("COMPACTOR_GEMV_LONG", &LONG, 1) != 0 && most > PRELOAD && most <= PRELOAD_LONG;
+    format!("{base}{b}{}", if long { "_l" } else { "" })
 }
 
 fn check_batch(b: usize) -> CResult<()> {
@@ -1270,7 +1310,7 @@ pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, 
         let mut segs = Segs { n: chunk.len() as i32, batch: b as i32, ..Default::default() };
         let mut blocks = 0usize;
         for (seg, p) in segs.s.iter_mut().zip(chunk) {
-            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks);
+            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks, split_fit(b));
             *seg = sg;
             blocks += nb;
         }
@@ -1311,7 +1351,7 @@ pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods:
         (true, Out::Residual(_)) => candle_core::bail!("fused gemv: no kind normalizes its input and adds to the residual"),
     };
     let (segs, blocks) = fused_segs(b, prods, pairs, norm, out);
-    let func = kernel(dev, &format!("{name}{b}"))?;
+    let func = kernel(dev, &kind_name(name, b, &segs))?;
     let mut params = [&segs as *const Segs as *mut std::ffi::c_void];
     // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.
     unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, true) }
@@ -1323,7 +1363,7 @@ fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u
     let mut segs = Segs { n: prods.len() as i32, batch: b as i32, ..Default::default() };
     let mut blocks = 0usize;
     for (i, (seg, p)) in segs.s.iter_mut().zip(prods).enumerate() {
-        let (mut sg, nb) = seg_for(1, rg, p, blocks);
+        let (mut sg, nb) = seg_for(1, rg, p, blocks, split_fit(b));
         if let Some(&(w2, x2)) = pairs.get(i) {
             (sg.w2, sg.x2) = (w2, x2);
         }
@@ -1340,7 +1380,7 @@ fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u
 }
 
 fn launch_segs(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, segs: &Segs, blocks: usize, pdl: bool) -> CResult<()> {
-    let func = if mode == 2 { kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })? } else { kernel(dev, &format!("gemv_b{b}"))? };
+    let func = if mode == 2 { kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })? } else { kernel(dev, &kind_name("gemv_b", b, segs))? };
     let mut params = [segs as *const Segs as *mut std::ffi::c_void];
     // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.
     unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, pdl) }
