@@ -1273,20 +1273,32 @@ fn env_usize(name: &'static str, cell: &'static OnceLock<usize>, default: usize)
     *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
 }
 
-/// The column split of batch-`b` CUDA-core launches is raised (up to 8 warps a row) until each
-/// lane reads at most this many chunks of a row (`COMPACTOR_SPLIT_FIT`; 0, the default: not raised).
-fn split_fit(b: usize) -> usize {
+/// The column split of a batch-`b` CUDA-core launch is raised (up to 8 warps a row) until each
+/// lane reads at most this many chunks of a row (`COMPACTOR_SPLIT_FIT`, 4 unless set; 0: never
+/// raised), where the launch's weights (the products and their pairs) take at least
+/// `COMPACTOR_SPLIT_FIT_MB` MiB (70 unless set). Measured on an H200 (Granite-8B shapes, batch 1,
+/// fused step graph, 2026-12-01): the large launches (a dense MLP's, the lm_head, an svd plan's
+/// gate/up A pair) stream faster with more warps in flight, while small launches (≤ 50 MiB: the
+/// attention products, rank-1024 factors) are fastest with the split of [`split_for`].
+fn split_fit(b: usize, prods: &[Product], pairs: usize) -> usize {
     static FIT: OnceLock<usize> = OnceLock::new();
-    if b <= LONG_MAX_BATCH { env_usize("COMPACTOR_SPLIT_FIT", &FIT, 0) } else { 0 }
+    static MB: OnceLock<usize> = OnceLock::new();
+    let bytes: usize = prods.iter().enumerate().map(|(i, p)| p.rows * p.cols * 2 * if i < pairs { 2 } else { 1 }).sum();
+    if b <= LONG_MAX_BATCH && bytes >= env_usize("COMPACTOR_SPLIT_FIT_MB", &MB, 70) << 20 { env_usize("COMPACTOR_SPLIT_FIT", &FIT, 4) } else { 0 }
 }
 
 /// The kernel of a CUDA-core launch: `base` + batch, or its long-preload kind where a lane's whole
-/// share of some product's rows fits in the long preload but not the short one
-/// (`COMPACTOR_GEMV_LONG=0` turns the long kinds off).
+/// share of some product's rows fits in the long preload, and takes at least
+/// `COMPACTOR_GEMV_LONG` chunks (6 unless set: a row share of 5 runs faster short; 0 turns the
+/// long kinds off;
+/// `COMPACTOR_GEMV_LONG_PAIRS=0` keeps the pair kinds short).
 fn kind_name(base: &str, b: usize, segs: &Segs) -> String {
     static LONG: OnceLock<usize> = OnceLock::new();
+    static PAIRS: OnceLock<usize> = OnceLock::new();
     let most = segs.s[..segs.n as usize].iter().map(|s| (s.cols as usize / 8).div_ceil(32 * s.split.max(1) as usize)).max().unwrap_or(0);
-    let long = b <= LONG_MAX_BATCH && env_usize("COMPACTOR_GEMV_LONG", &LONG, 1) != 0 && most > PRELOAD && most <= PRELOAD_LONG;
+    let from = env_usize("COMPACTOR_GEMV_LONG", &LONG, PRELOAD + 2);
+    let pair = base.ends_with("p_b");
+    let long = b <= LONG_MAX_BATCH && from != 0 && most >= from.max(PRELOAD + 1) && most <= PRELOAD_LONG && (!pair || env_usize("COMPACTOR_GEMV_LONG_PAIRS", &PAIRS, 1) != 0);
     format!("{base}{b}{}", if long { "_l" } else { "" })
 }
 
@@ -1310,7 +1322,7 @@ pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, 
         let mut segs = Segs { n: chunk.len() as i32, batch: b as i32, ..Default::default() };
         let mut blocks = 0usize;
         for (seg, p) in segs.s.iter_mut().zip(chunk) {
-            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks, split_fit(b));
+            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks, split_fit(b, chunk, 0));
             *seg = sg;
             blocks += nb;
         }
@@ -1363,7 +1375,7 @@ fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u
     let mut segs = Segs { n: prods.len() as i32, batch: b as i32, ..Default::default() };
     let mut blocks = 0usize;
     for (i, (seg, p)) in segs.s.iter_mut().zip(prods).enumerate() {
-        let (mut sg, nb) = seg_for(1, rg, p, blocks, split_fit(b));
+        let (mut sg, nb) = seg_for(1, rg, p, blocks, split_fit(b, prods, pairs.len()));
         if let Some(&(w2, x2)) = pairs.get(i) {
             (sg.w2, sg.x2) = (w2, x2);
         }
