@@ -1274,17 +1274,24 @@ fn env_usize(name: &'static str, cell: &'static OnceLock<usize>, default: usize)
 }
 
 /// The column split of a batch-`b` CUDA-core launch is raised (up to 8 warps a row) until each
-/// lane reads at most this many chunks of a row (`COMPACTOR_SPLIT_FIT`, 4 unless set; 0: never
-/// raised), where the launch's weights (the products and their pairs) take at least
-/// `COMPACTOR_SPLIT_FIT_MB` MiB (70 unless set). Measured on an H200 (Granite-8B shapes, batch 1,
-/// fused step graph, 2026-12-01): the large launches (a dense MLP's, the lm_head, an svd plan's
-/// gate/up A pair) stream faster with more warps in flight, while small launches (≤ 50 MiB: the
-/// attention products, rank-1024 factors) are fastest with the split of [`split_for`].
+/// lane reads at most `fit` chunks of a row, where the launch's weights (the products and their
+/// pairs) take at least `mib` MiB: the first of the tiers `COMPACTOR_SPLIT_FIT` (`mib:fit,…` or `mib:fit/…`,
+/// largest first; "70:4" unless set; "0:0" never raises) that the launch reaches. Measured on an
+/// H200 (Granite-8B shapes, batch 1, fused step graph, 2026-12-01): the large launches (a dense
+/// MLP's, the lm_head, an svd plan's gate/up A pair) stream faster with more warps in flight,
+/// while small launches (≤ 50 MiB: the attention products, rank-1024 factors) are fastest with
+/// the split of [`split_for`].
 fn split_fit(b: usize, prods: &[Product], pairs: usize) -> usize {
-    static FIT: OnceLock<usize> = OnceLock::new();
-    static MB: OnceLock<usize> = OnceLock::new();
+    static TIERS: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
+    let tiers = TIERS.get_or_init(|| {
+        let v = std::env::var("COMPACTOR_SPLIT_FIT").unwrap_or_else(|_| "70:4".into());
+        v.split([',', '/']).filter_map(|t| t.split_once(':')).filter_map(|(m, f)| Some((m.trim().parse().ok()?, f.trim().parse().ok()?))).collect()
+    });
     let bytes: usize = prods.iter().enumerate().map(|(i, p)| p.rows * p.cols * 2 * if i < pairs { 2 } else { 1 }).sum();
-    if b <= LONG_MAX_BATCH && bytes >= env_usize("COMPACTOR_SPLIT_FIT_MB", &MB, 70) << 20 { env_usize("COMPACTOR_SPLIT_FIT", &FIT, 4) } else { 0 }
+    if b > LONG_MAX_BATCH {
+        return 0;
+    }
+    tiers.iter().find(|&&(mib, _)| bytes >= mib << 20).map_or(0, |&(_, fit)| fit)
 }
 
 /// The kernel of a CUDA-core launch: `base` + batch, or its long-preload kind where a lane's whole
