@@ -1284,14 +1284,49 @@ fn env_usize(name: &'static str, cell: &'static OnceLock<usize>, default: usize)
 fn split_fit(b: usize, prods: &[Product], pairs: usize) -> usize {
     static TIERS: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
     let tiers = TIERS.get_or_init(|| {
-        let v = std::env::var("COMPACTOR_SPLIT_FIT").unwrap_or_else(|_| "70:4".into());
-        v.split([',', '/']).filter_map(|t| t.split_once(':')).filter_map(|(m, f)| Some((m.trim().parse().ok()?, f.trim().parse().ok()?))).collect()
+        let v = std::env::var("COMPACTOR_SPLIT_FIT").unwrap_or_default();
+        parse_tiers(&v).unwrap_or_else(|e| {
+            eprintln!("COMPACTOR_SPLIT_FIT: {e}; using 70:4");
+            parse_tiers("").unwrap_or_default()
+        })
     });
     let bytes: usize = prods.iter().enumerate().map(|(i, p)| p.rows * p.cols * 2 * if i < pairs { 2 } else { 1 }).sum();
     if b > LONG_MAX_BATCH {
         return 0;
     }
     tiers.iter().find(|&&(mib, _)| bytes >= mib << 20).map_or(0, |&(_, fit)| fit)
+}
+
+/// The tiers of `COMPACTOR_SPLIT_FIT` (see [`split_fit`]), largest first; "" is the default.
+fn parse_tiers(v: &str) -> Result<Vec<(usize, usize)>, String> {
+    let v = if v.trim().is_empty() { "70:4" } else { v };
+    let mut tiers = v
+        .split([',', '/'])
+        .map(|t| {
+            let (m, f) = t.split_once(':').ok_or_else(|| format!("`{t}` is not mib:fit"))?;
+            let num = |x: &str| x.trim().parse::<usize>().map_err(|_| format!("`{t}`: `{x}` is not a whole number"));
+            Ok((num(m)?, num(f)?))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    tiers.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(tiers)
+}
+
+#[cfg(test)]
+mod split_tier_tests {
+    use super::parse_tiers;
+
+    #[test]
+    fn tiers_parse_sorted_largest_first_and_a_bad_one_is_named() {
+        assert_eq!(parse_tiers(""), Ok(vec![(70, 4)]));
+        assert_eq!(parse_tiers("30:8/70:4"), Ok(vec![(70, 4), (30, 8)]));
+        assert_eq!(parse_tiers("45:2, 100:4"), Ok(vec![(100, 4), (45, 2)]));
+        assert_eq!(parse_tiers("0:0"), Ok(vec![(0, 0)]));
+        for bad in ["70", "x:4", "70:y", "70:4/"] {
+            let e = parse_tiers(bad).unwrap_err();
+            assert!(e.contains('`'), "{bad}: {e}");
+        }
+    }
 }
 
 /// The kernel of a CUDA-core launch: `base` + batch, or its long-preload kind where a lane's whole

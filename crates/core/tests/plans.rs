@@ -9,7 +9,9 @@ use compactor_core::synth::SynthConfig;
 use std::path::PathBuf;
 
 fn plan_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/plans").join(name)
+    // cargo sets CARGO_MANIFEST_DIR when it runs the test too: the checkout the test runs in, even
+    // when the test binary was built from another one sharing the target directory
+    std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))).join("../../scripts/plans").join(name)
 }
 
 /// (parameters kept, parameters of the dense linear layers), counting a layer given a ratio as
