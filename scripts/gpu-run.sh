@@ -204,7 +204,8 @@ for tag in ("8", "16"):
 PY
 }
 # spectra_env: the spectra under each environment of ENVS (space-separated configs, each a
-# comma-separated list of VAR=value; "-" for none), e.g. ENVS="COMPACTOR_GPU_SCHED=spin,COMPACTOR_GPU_STREAMS=16 -";
+# comma-separated list of VAR=value; "-" for none; so a value itself takes no comma: write
+# COMPACTOR_SPLIT_FIT's tiers as 70:4/30:8), e.g. ENVS="COMPACTOR_GPU_SCHED=spin,COMPACTOR_GPU_STREAMS=16 -";
 # plan_env: the plan PLAN (default svd) at 0.5 under each of PLAN_ENVS (default ENVS)
 vars() { [ "$1" = - ] || echo "${1//,/ }"; }
 spectra_env() {
@@ -248,7 +249,8 @@ decode_same() {
 step "decode: the step graph agrees with candle ops under each of DECODE_ENVS"
 for cfg in ${DECODE_ENVS:--}; do
   echo "agreement with ${cfg}"
-  env $(vars "$cfg") timeout 200 $B bench decode /tmp/g8b ${DECODE_MODELS:-/tmp/g8b-svd} --device cuda --dtype bf16 --prompt-tokens 32 --tokens 4 --repeats 1 --batch 1 --paths ops,fused 2>/dev/null | grep "vs candle ops"
+  env $(vars "$cfg") timeout 200 $B bench decode /tmp/g8b ${DECODE_MODELS:-/tmp/g8b-svd} --device cuda --dtype bf16 --prompt-tokens 32 --tokens 4 --repeats 1 --batch 1 --paths ops,fused > /tmp/same.txt 2>&1
+  echo "rc $?"; grep -E "vs candle ops|does not apply|rror" /tmp/same.txt
 done
 }
 # the first GPU process on a fresh machine is slower (driver JIT cache): one small run first

@@ -237,16 +237,26 @@ pub fn speed_batch(model: &Model, prompt: &[u32], decode_tokens: usize, batch: u
 }
 
 /// How far the step graph's logits are from candle ops' (CUDA, bf16): both steppers are fed the
-/// ops path's greedy tokens for `steps` steps after `prompt` (batch `batch`). Returns the largest
-/// |Δlogit| relative to the largest |logit| and the fraction of (step, sequence) pairs whose
-/// argmax agrees; `None` where the graph does not apply to the model.
+/// ops path's greedy tokens for `steps` steps after `prompt` (batch `batch`). The ops path runs
+/// its products as cuBLAS GEMMs, so the reference shares no product kernel with the graph.
+/// Returns the largest |Δlogit| relative to the largest |logit| and the fraction of (step,
+/// sequence) pairs whose argmax agrees; `None` where the graph does not apply to the model.
 #[cfg(feature = "cuda")]
 pub fn step_agreement(model: &Model, prompt: &[u32], batch: usize, steps: usize) -> Result<Option<(f64, f64)>> {
     use crate::gpu_step::{enabled, set_enabled};
     let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?.repeat((batch.max(1), 1))?;
-    let was = enabled();
+    let (was, kernel) = (enabled(), crate::gpu::gemv_setting());
+    // the reference: candle ops with cuBLAS products (the kernel setting restored after each use)
+    let cublas = |f: &mut dyn FnMut() -> Result<Tensor>| {
+        crate::linear::set_decode_kernel(0);
+        let r = f();
+        crate::linear::set_decode_kernel(kernel);
+        r
+    };
     set_enabled(false);
+    crate::linear::set_decode_kernel(0);
     let ops = Stepper::start(model, &ids, steps + 1);
+    crate::linear::set_decode_kernel(kernel);
     set_enabled(true);
     let graph = Stepper::start(model, &ids, steps + 1);
     set_enabled(was);
@@ -257,7 +267,7 @@ pub fn step_agreement(model: &Model, prompt: &[u32], batch: usize, steps: usize)
     let (mut worst, mut same, mut total) = (0f64, 0usize, 0usize);
     for _ in 0..steps {
         let tokens = next_tokens(&lo)?;
-        lo = ops.step(&tokens)?;
+        lo = cublas(&mut || ops.step(&tokens))?;
         let lg = graph.step(&tokens)?;
         let diff = (&lo - &lg)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let scale = lo.abs()?.max_all()?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE) as f64;

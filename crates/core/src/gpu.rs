@@ -1139,17 +1139,21 @@ fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
 /// `COMPACTOR_GEMV` sets the start value.
 static GEMV_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
-pub(crate) fn gemv_mode(rows: usize) -> u8 {
+/// The decode kernel setting (0–3, see [`GEMV_MODE`]), read from `COMPACTOR_GEMV` at first use.
+pub fn gemv_setting() -> u8 {
     use std::sync::atomic::Ordering;
-    let mode = match GEMV_MODE.load(Ordering::Relaxed) {
+    match GEMV_MODE.load(Ordering::Relaxed) {
         u8::MAX => {
             let m = std::env::var("COMPACTOR_GEMV").ok().and_then(|v| v.parse::<u8>().ok()).unwrap_or(3).min(3);
             GEMV_MODE.store(m, Ordering::Relaxed);
             m
         }
         m => m,
-    };
-    match mode {
+    }
+}
+
+pub(crate) fn gemv_mode(rows: usize) -> u8 {
+    match gemv_setting() {
         3 if rows <= 8 => 1,
         3 => 0,
         m => m,
@@ -1262,7 +1266,9 @@ fn seg_for(mode: u8, rg: usize, p: &Product, first: usize, fit: usize) -> (Seg, 
     (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, ..Default::default() }, nb)
 }
 
-/// Column chunks (of 8) each lane preloads before the PDL wait: `GEMV_P` and `GEMV_PL` in GEMV_SRC.
+/// Column chunks (of 8) each lane preloads before the PDL wait: `GEMV_P` and `GEMV_PL` in GEMV_SRC
+/// (their defaults: the kind choice below assumes them, also when `COMPACTOR_GEMV_DEFINES` changes
+/// them for an experiment).
 const PRELOAD: usize = 4;
 const PRELOAD_LONG: usize = 8;
 /// Batches the long-preload kinds (`_l`) are compiled for.
@@ -1294,7 +1300,7 @@ fn split_fit(b: usize, prods: &[Product], pairs: usize) -> usize {
     if b > LONG_MAX_BATCH {
         return 0;
     }
-    tiers.iter().find(|&&(mib, _)| bytes >= mib << 20).map_or(0, |&(_, fit)| fit)
+    tiers.iter().find(|&&(mib, _)| bytes >= mib.saturating_mul(1 << 20)).map_or(0, |&(_, fit)| fit)
 }
 
 /// The tiers of `COMPACTOR_SPLIT_FIT` (see [`split_fit`]), largest first; "" is the default.
