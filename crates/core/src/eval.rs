@@ -247,16 +247,14 @@ pub fn step_agreement(model: &Model, prompt: &[u32], batch: usize, steps: usize)
     let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?.repeat((batch.max(1), 1))?;
     let (was, kernel) = (enabled(), crate::gpu::gemv_setting());
     // the reference: candle ops with cuBLAS products (the kernel setting restored after each use)
-    let cublas = |f: &mut dyn FnMut() -> Result<Tensor>| {
+    fn on_cublas<T>(kernel: u8, f: impl FnOnce() -> T) -> T {
         crate::linear::set_decode_kernel(0);
         let r = f();
         crate::linear::set_decode_kernel(kernel);
         r
-    };
+    }
     set_enabled(false);
-    crate::linear::set_decode_kernel(0);
-    let ops = Stepper::start(model, &ids, steps + 1);
-    crate::linear::set_decode_kernel(kernel);
+    let ops = on_cublas(kernel, || Stepper::start(model, &ids, steps + 1));
     set_enabled(true);
     let graph = Stepper::start(model, &ids, steps + 1);
     set_enabled(was);
@@ -267,7 +265,7 @@ pub fn step_agreement(model: &Model, prompt: &[u32], batch: usize, steps: usize)
     let (mut worst, mut same, mut total) = (0f64, 0usize, 0usize);
     for _ in 0..steps {
         let tokens = next_tokens(&lo)?;
-        lo = cublas(&mut || ops.step(&tokens))?;
+        lo = on_cublas(kernel, || ops.step(&tokens))?;
         let lg = graph.step(&tokens)?;
         let diff = (&lo - &lg)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let scale = lo.abs()?.max_all()?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE) as f64;

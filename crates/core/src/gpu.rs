@@ -1097,7 +1097,7 @@ fn rows_per_warp(b: usize) -> usize {
 /// 268.0 / 272.3 / 258.6 / 263.0 tok/s and the dense one 158.3 / 158.8 / 157.3 / 163.7.
 fn split_for(row_groups: usize, cols8: usize) -> usize {
     static TARGET: OnceLock<usize> = OnceLock::new();
-    let target = *TARGET.get_or_init(|| std::env::var("COMPACTOR_SPLIT_WARPS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096));
+    let target = env_usize("COMPACTOR_SPLIT_WARPS", &TARGET, 4096);
     let mut s = 1;
     while s < 8 && row_groups * s < target && cols8 >= 64 * s * 2 {
         s *= 2;
@@ -1258,7 +1258,7 @@ fn seg_for(mode: u8, rg: usize, p: &Product, first: usize, fit: usize) -> (Seg, 
     } else {
         let groups = p.rows.div_ceil(rg);
         let mut split = split_for(groups, p.cols / 8);
-        while fit > 0 && split < 8 && (p.cols / 8).div_ceil(32 * split) > fit {
+        while fit > 0 && split < 8 && lane_chunks(p.cols, split) > fit {
             split *= 2;
         }
         (split, groups.div_ceil(8 / split))
@@ -1274,8 +1274,14 @@ const PRELOAD_LONG: usize = 8;
 /// Batches the long-preload kinds (`_l`) are compiled for.
 const LONG_MAX_BATCH: usize = 2;
 
+/// Chunks of 8 columns each lane of a warp group reads from a row of `cols` columns when `split`
+/// warps share the row.
+fn lane_chunks(cols: usize, split: usize) -> usize {
+    (cols / 8).div_ceil(32 * split)
+}
+
 /// A setting read once from the environment (a number; `default` when unset or unreadable).
-fn env_usize(name: &'static str, cell: &'static OnceLock<usize>, default: usize) -> usize {
+pub(crate) fn env_usize(name: &'static str, cell: &'static OnceLock<usize>, default: usize) -> usize {
     *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
 }
 
@@ -1296,10 +1302,10 @@ fn split_fit(b: usize, prods: &[Product], pairs: usize) -> usize {
             parse_tiers("").unwrap_or_default()
         })
     });
-    let bytes: usize = prods.iter().enumerate().map(|(i, p)| p.rows * p.cols * 2 * if i < pairs { 2 } else { 1 }).sum();
     if b > LONG_MAX_BATCH {
         return 0;
     }
+    let bytes: usize = prods.iter().enumerate().map(|(i, p)| p.rows * p.cols * 2 * if i < pairs { 2 } else { 1 }).sum();
     tiers.iter().find(|&&(mib, _)| bytes >= mib.saturating_mul(1 << 20)).map_or(0, |&(_, fit)| fit)
 }
 
@@ -1343,7 +1349,7 @@ mod split_tier_tests {
 fn kind_name(base: &str, b: usize, segs: &Segs) -> String {
     static LONG: OnceLock<usize> = OnceLock::new();
     static PAIRS: OnceLock<usize> = OnceLock::new();
-    let most = segs.s[..segs.n as usize].iter().map(|s| (s.cols as usize / 8).div_ceil(32 * s.split.max(1) as usize)).max().unwrap_or(0);
+    let most = segs.s[..segs.n as usize].iter().map(|s| lane_chunks(s.cols as usize, s.split.max(1) as usize)).max().unwrap_or(0);
     let from = env_usize("COMPACTOR_GEMV_LONG", &LONG, PRELOAD + 2);
     let pair = base.ends_with("p_b");
     let long = b <= LONG_MAX_BATCH && from != 0 && most >= from.max(PRELOAD + 1) && most <= PRELOAD_LONG && (!pair || env_usize("COMPACTOR_GEMV_LONG_PAIRS", &PAIRS, 1) != 0);
@@ -1368,9 +1374,9 @@ pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, 
     }
     for chunk in prods.chunks(4) {
         let mut segs = Segs { n: chunk.len() as i32, batch: b as i32, ..Default::default() };
-        let mut blocks = 0usize;
+        let (mut blocks, fit) = (0usize, split_fit(b, chunk, 0));
         for (seg, p) in segs.s.iter_mut().zip(chunk) {
-            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks, split_fit(b, chunk, 0));
+            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks, fit);
             *seg = sg;
             blocks += nb;
         }
@@ -1421,9 +1427,9 @@ pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods:
 fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u64, f32)>, out: Out) -> (Segs, usize) {
     let rg = if out == Out::Glu { 1 } else { rows_per_warp(b) };
     let mut segs = Segs { n: prods.len() as i32, batch: b as i32, ..Default::default() };
-    let mut blocks = 0usize;
+    let (mut blocks, fit) = (0usize, split_fit(b, prods, pairs.len()));
     for (i, (seg, p)) in segs.s.iter_mut().zip(prods).enumerate() {
-        let (mut sg, nb) = seg_for(1, rg, p, blocks, split_fit(b, prods, pairs.len()));
+        let (mut sg, nb) = seg_for(1, rg, p, blocks, fit);
         if let Some(&(w2, x2)) = pairs.get(i) {
             (sg.w2, sg.x2) = (w2, x2);
         }

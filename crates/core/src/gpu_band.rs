@@ -193,7 +193,7 @@ pub const MAX_BAND: usize = 32;
 /// wider band, the CPU's bulge chase dearer (≈ 6 n² b flops).
 pub fn band_width() -> usize {
     static B: OnceLock<usize> = OnceLock::new();
-    *B.get_or_init(|| std::env::var("COMPACTOR_BAND").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(2, MAX_BAND))
+    crate::gpu::env_usize("COMPACTOR_BAND", &B, 16).clamp(2, MAX_BAND)
 }
 
 struct BandReduce {
