@@ -831,26 +831,7 @@ __device__ __forceinline__ void pdl_launch_next() {
 // times x2), nw (norm weights) and s, eps (see `gemv`).
 struct Seg { const void* w; const void* x; unsigned short* y; int rows; int cols; int ldx; int split; int first_block; int pad;
              const void* w2; const void* x2; const void* nw; float s; float eps; };
-// pf*: the weight rows of the next launch in the graph, whose first pfb[i] bytes (a multiple of
-// 16) this launch prefetches into L2 (see `l2_prefetch`); pfat 0: not, 1: at the start, 2: at the end.
-struct Segs { Seg s[4]; int n; int batch; const char* pfw[8]; unsigned pfrow[8]; unsigned pfrows[8]; unsigned pfb[8]; int npf; int pfat; };
-// This block's share of the next launch's weight rows, prefetched into L2 by bulk copies (hints:
-// nothing waits for them), so that DRAM keeps streaming through the launch boundary.
-__device__ __forceinline__ void l2_prefetch(const Segs& g) {
-#if __CUDA_ARCH__ >= 900
-    unsigned total = 0;
-    for (int i = 0; i < g.npf; i++) total += g.pfrows[i];
-    const unsigned lo = (unsigned)((unsigned long long)total * blockIdx.x / gridDim.x);
-    const unsigned hi = (unsigned)((unsigned long long)total * (blockIdx.x + 1) / gridDim.x);
-    for (unsigned u = lo + threadIdx.x; u < hi; u += blockDim.x) {
-        unsigned r = u;
-        int i = 0;
-        while (i + 1 < g.npf && r >= g.pfrows[i]) { r -= g.pfrows[i]; i++; }
-        const char* p = g.pfw[i] + (size_t)r * g.pfrow[i];
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(g.pfb[i]) : "memory");
-    }
-#endif
-}
+struct Segs { Seg s[4]; int n; int batch; };
 __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
     int i = 0;
     while (i + 1 < g.n && id >= g.s[i + 1].first_block) i++;
@@ -1089,18 +1070,10 @@ __device__ void gemv_tc(const Seg& s, int blk, int batch) {
 }
 extern "C" __global__ void gemv_tc8(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<1>(s, blk, g.batch); }
 extern "C" __global__ void gemv_tc16(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<2>(s, blk, g.batch); }
-template <int B, int R, bool NORM, int OUT, int P>
-__device__ __forceinline__ void gemv_launch(const Segs& g) {
-    if (g.pfat == 1) l2_prefetch(g);
-    int blk;
-    const Seg& s = seg_of(g, blockIdx.x, blk);
-    gemv<B, R, NORM, OUT, P>(s, blk);
-    if (g.pfat == 2) l2_prefetch(g);
-}
 #define GEMVK(NAME, B, R, NORM, OUT) \
-    extern "C" __global__ void GEMV_LB NAME##B(const Segs g) { gemv_launch<B, R, NORM, OUT, GEMV_P>(g); }
+    extern "C" __global__ void GEMV_LB NAME##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT, GEMV_P>(s, blk); }
 #define GEMVKL(NAME, B, R, NORM, OUT) \
-    extern "C" __global__ void GEMV_LB NAME##B##_l(const Segs g) { gemv_launch<B, R, NORM, OUT, GEMV_PL>(g); }
+    extern "C" __global__ void GEMV_LB NAME##B##_l(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT, GEMV_PL>(s, blk); }
 #define GEMV(B, R) GEMVK(gemv_b, B, R, false, 0)
 GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
 GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
@@ -1263,12 +1236,6 @@ struct Segs {
     s: [Seg; 4],
     n: i32,
     batch: i32,
-    pfw: [u64; 8],
-    pfrow: [u32; 8],
-    pfrows: [u32; 8],
-    pfb: [u32; 8],
-    npf: i32,
-    pfat: i32,
 }
 
 // SAFETY: plain old data with the layout of the kernel's `Segs` parameter.
@@ -1432,61 +1399,12 @@ pub(crate) enum Out {
 /// Batch sizes the fused kinds are compiled for.
 pub const FUSED_MAX_BATCH: usize = 8;
 
-/// One launch of the decode step graph's fused kinds (CUDA cores, batch ≤ [`FUSED_MAX_BATCH`]):
+/// One launch of the decode step graph's fused kinds (CUDA cores, `b` ≤ [`FUSED_MAX_BATCH`]):
 /// with `norm` = (norm weights, eps) the input of every product is rmsnorm(x) ⊙ weights (x: the
 /// product's input, one row per sequence, of `cols` values); `out` says how outputs are written.
 /// With [`Out::Glu`], `pairs[i]` = (W₂, x₂) of product i: output j of product i is
 /// silu(x Wᵀ)_j · (x₂ W₂ᵀ)_j (x₂ is ignored with `norm`: both rows read the normalized x).
-#[derive(Clone, Debug)]
-pub(crate) struct Fused {
-    pub prods: Vec<Product>,
-    pub pairs: Vec<(u64, u64)>,
-    pub norm: Option<(u64, f32)>,
-    pub out: Out,
-}
-
-impl Fused {
-    /// The weight matrices this launch streams: (address, bytes per row, rows), the products'
-    /// then their pairs'.
-    fn weights(&self) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
-        let rows = |p: &Product| (p.cols * 2, p.rows);
-        self.prods.iter().map(move |p| (p.w, rows(p).0, rows(p).1)).chain(self.pairs.iter().zip(&self.prods).map(move |(&(w2, _), p)| (w2, rows(p).0, rows(p).1)))
-    }
-}
-
-/// Where a fused launch prefetches the next launch's weights into L2 (`COMPACTOR_L2PF`: 0 never,
-/// 1 as its blocks start, 2 as they end; default 0) and how much of them (`COMPACTOR_L2PF_MB`:
-/// the same leading share of every row, up to this many MiB in all; default 64).
-fn l2_prefetch_setting() -> (i32, usize) {
-    static AT: OnceLock<usize> = OnceLock::new();
-    static MIB: OnceLock<usize> = OnceLock::new();
-    (env_usize("COMPACTOR_L2PF", &AT, 0).min(2) as i32, env_usize("COMPACTOR_L2PF_MB", &MIB, 64))
-}
-
-/// Sets `segs` to prefetch (a leading share of every row of) `next`'s weights into L2.
-fn set_prefetch(segs: &mut Segs, next: &Fused) {
-    let (at, mib) = l2_prefetch_setting();
-    let ws: Vec<_> = next.weights().take(8).collect();
-    let total: usize = ws.iter().map(|&(_, rb, r)| rb * r).sum();
-    if at == 0 || mib == 0 || total == 0 {
-        return;
-    }
-    let share = ((mib << 20) as f64 / total as f64).min(1.0);
-    for (i, &(w, rb, r)) in ws.iter().enumerate() {
-        segs.pfw[i] = w;
-        segs.pfrow[i] = rb as u32;
-        segs.pfrows[i] = r as u32;
-        segs.pfb[i] = (((rb as f64 * share) as usize).div_ceil(16) * 16).clamp(16, rb) as u32;
-    }
-    segs.npf = ws.len() as i32;
-    segs.pfat = at;
-}
-
-/// Launches `l` (CUDA cores, batch `b` ≤ [`FUSED_MAX_BATCH`]); with `next` (the launch that
-/// follows it in the step graph), it may prefetch that one's weights (see [`l2_prefetch_setting`]).
-pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, l: &Fused, next: Option<&Fused>) -> CResult<()> {
-    let Fused { prods, pairs, norm, out } = l;
-    let (norm, out) = (*norm, *out);
+pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u64, f32)>, out: Out) -> CResult<()> {
     if !(1..=FUSED_MAX_BATCH).contains(&b) || prods.len() > 4 || (out == Out::Glu && pairs.len() != prods.len()) {
         candle_core::bail!("fused gemv: {} products of batch {b} ({out:?}, {} pairs)", prods.len(), pairs.len());
     }
@@ -1498,10 +1416,7 @@ pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, l: &Fu
         (false, Out::Store) => "gemv_b",
         (true, Out::Residual(_)) => candle_core::bail!("fused gemv: no kind normalizes its input and adds to the residual"),
     };
-    let (mut segs, blocks) = fused_segs(b, prods, pairs, norm, out);
-    if let Some(next) = next {
-        set_prefetch(&mut segs, next);
-    }
+    let (segs, blocks) = fused_segs(b, prods, pairs, norm, out);
     let func = kernel(dev, &kind_name(name, b, &segs))?;
     let mut params = [&segs as *const Segs as *mut std::ffi::c_void];
     // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.

@@ -22,7 +22,7 @@
 //! into the static one. Numerics follow the candle path (bf16 storage, f32 arithmetic, the same
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
-use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Fused, Out, Product, FUSED_MAX_BATCH};
+use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
 use crate::linear::Linear;
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
@@ -623,24 +623,26 @@ impl Decoder {
         Ok(())
     }
 
-    /// The launches of `lins`' products (one group, reading `x`) in the fused kinds: the first
-    /// launch (the dense products and the B factors) normalizes its input with `norm`; the final
-    /// outputs (dense or the A factors') are written as `out` says. [`Out::Residual`] takes one
-    /// layer; [`Out::Glu`] takes [gate, up] (see [`pairable`]) and one output.
-    fn fused_launches(&self, lins: &[&Lin], x: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out) -> crate::Result<Vec<Fused>> {
+    /// The products of `lins` (one group, reading `x`) in the fused kinds: the first launch (the
+    /// dense products and the B factors) normalizes its input with `norm`; the final outputs
+    /// (dense or the A factors') are written as `out` says. [`Out::Residual`] takes one layer;
+    /// [`Out::Glu`] takes [gate, up] (see [`pairable`]) and one output.
+    fn fused_products(&self, lins: &[&Lin], x: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out) -> crate::Result<()> {
+        let (dev, nb) = (&self.dev, self.batch);
         let p = |w: u64, x: u64, y: u64, rows: usize, cols: usize| Product { w, x, y, rows, cols, ldx: cols };
-        let f = |prods: Vec<Product>, pairs: Vec<(u64, u64)>, norm: Option<(u64, f32)>, out: Out| Fused { prods, pairs, norm, out };
         if out == Out::Glu {
-            return match (lins[0], lins[1]) {
-                (Lin::Dense { w, rows, cols }, Lin::Dense { w: w2, .. }) => Ok(vec![f(vec![p(*w, x, ys[0], *rows, *cols)], vec![(*w2, x)], norm, Out::Glu)]),
+            match (lins[0], lins[1]) {
+                (Lin::Dense { w, rows, cols }, Lin::Dense { w: w2, .. }) => launch_fused(dev, nb, &[p(*w, x, ys[0], *rows, *cols)], &[(*w2, x)], norm, Out::Glu)?,
                 (Lin::LowRank { a, b, rows, rank, cols, t }, Lin::LowRank { a: a2, b: b2, t: t2, .. }) => {
                     let (t, t2) = (tensor_addr(t)?, tensor_addr(t2)?);
-                    let first = vec![p(*b, x, t, *rank, *cols), p(*b2, x, t2, *rank, *cols)];
-                    let second = vec![p(*a, t, ys[0], *rows, *rank)];
-                    Ok(vec![f(first, vec![], norm, Out::Store), f(second, vec![(*a2, t2)], None, Out::Glu)])
+                    let first = [p(*b, x, t, *rank, *cols), p(*b2, x, t2, *rank, *cols)];
+                    let second = [p(*a, t, ys[0], *rows, *rank)];
+                    launch_fused(dev, nb, &first, &[], norm, Out::Store)?;
+                    launch_fused(dev, nb, &second, &[(*a2, t2)], None, Out::Glu)?;
                 }
-                _ => Err(crate::Error::Invalid("fused step: gate and up differ in kind".into())),
-            };
+                _ => return Err(crate::Error::Invalid("fused step: gate and up differ in kind".into())),
+            }
+            return Ok(());
         }
         let mut first = Vec::new();
         let mut second = Vec::new();
@@ -654,10 +656,11 @@ impl Decoder {
                 }
             }
         }
-        if second.is_empty() {
-            return Ok(vec![f(first, vec![], norm, out)]);
+        launch_fused(dev, nb, &first, &[], norm, if second.is_empty() { out } else { Out::Store })?;
+        if !second.is_empty() {
+            launch_fused(dev, nb, &second, &[], None, out)?;
         }
-        Ok(vec![f(first, vec![], norm, Out::Store), f(second, vec![], None, out)])
+        Ok(())
     }
 
     /// Whether `COMPACTOR_STEP_SKIP` leaves this kind of kernel out (timing only).
@@ -731,31 +734,17 @@ impl Decoder {
         let (x, q, k, v, att, act) = (a(&b.x)?, a(&b.q)?, a(&b.k)?, a(&b.v)?, a(&b.att)?, a(&b.act)?);
         let (model, cfg) = (&self.model, &self.model.cfg);
         let (res, eps) = (Out::Residual(bf16_factor(cfg.residual_multiplier)), cfg.rms_norm_eps as f32);
-        // the step's launches in order (None: a layer's attention), so that each fused launch
-        // knows the next one's weights
-        let mut ops: Vec<(Option<Fused>, usize)> = Vec::new();
-        let products = |ops: &mut Vec<(Option<Fused>, usize)>, lins: &[&Lin], xin: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out, i: usize| -> crate::Result<()> {
-            if !self.skips("products") {
-                ops.extend(self.fused_launches(lins, xin, ys, norm, out)?.into_iter().map(|f| (Some(f), i)));
-            }
-            Ok(())
-        };
-        for (i, (layer, block)) in self.layers.iter().zip(&model.blocks).enumerate() {
+        let products = |lins: &[&Lin], xin: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out| if self.skips("products") { Ok(()) } else { self.fused_products(lins, xin, ys, norm, out) };
+        for (layer, block) in self.layers.iter().zip(&model.blocks) {
             let ls = &layer.lins;
-            products(&mut ops, &[&ls[0], &ls[1], &ls[2]], x, &[q, k, v], Some((a(&block.input_norm)?, eps)), Out::Store, i)?;
-            ops.push((None, i));
-            products(&mut ops, &[&ls[3]], att, &[x], None, res, i)?;
-            products(&mut ops, &[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu, i)?;
-            products(&mut ops, &[&ls[6]], act, &[x], None, res, i)?;
+            products(&[&ls[0], &ls[1], &ls[2]], x, &[q, k, v], Some((a(&block.input_norm)?, eps)), Out::Store)?;
+            self.attend(layer)?;
+            products(&[&ls[3]], att, &[x], None, res)?;
+            products(&[&ls[4], &ls[5]], x, &[act], Some((a(&block.post_norm)?, eps)), Out::Glu)?;
+            products(&[&ls[6]], act, &[x], None, res)?;
         }
         if !self.skips("head") {
-            ops.extend(self.fused_launches(&[&self.lm_head], x, &[a(&b.logits)?], Some((a(&model.norm)?, eps)), Out::Store)?.into_iter().map(|f| (Some(f), 0)));
-        }
-        for (n, (op, i)) in ops.iter().enumerate() {
-            match op {
-                Some(l) => launch_fused(&self.dev, self.batch, l, ops[n + 1..].iter().find_map(|(o, _)| o.as_ref()))?,
-                None => self.attend(&self.layers[*i])?,
-            }
+            self.fused_products(&[&self.lm_head], x, &[a(&b.logits)?], Some((a(&model.norm)?, eps)), Out::Store)?;
         }
         Ok(())
     }
