@@ -12,7 +12,7 @@
 #     DECODE_ENVS), decode_same (the step graph against candle ops for DECODE_MODELS under each of DECODE_ENVS), spectra_env / plan_env (spectra
 #     and a plan under each environment of ENVS), decode_mlp (svd everywhere vs MLPs only), decode_curve (decode
 #     against the share of parameters kept), warm (one small GPU run first), ncu_step
-#     (Nsight Compute on one decode step's kernels), nsys_step (Nsight Systems: one step's kernels with their gaps), plan_cold (the svd plan after emptying the driver's JIT cache, with and
+#     (Nsight Compute on one decode step's kernels), plan_cold (the svd plan after emptying the driver's JIT cache, with and
 #     without the prewarm of candle's modules, then cached))
 set -uo pipefail
 PART=${1:-A}
@@ -276,21 +276,6 @@ for m in g8b:203 g8b-svd:363; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS
   echo "ncu rc $?"; grep -E "==ERROR|==WARNING" /tmp/ncu-$m-$p.log | head -5
   $NCU --import /tmp/ncu-$m-$p.ncu-rep --csv --page raw > /tmp/ncu-$m-$p.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncu-$m-$p.csv
 done; done
-}
-# nsys_step: Nsight Systems on the decode of the dense model and NSYS_MODELS (graph nodes traced):
-# one step's kernels by class, with their durations and the gaps between them (scripts/nsys-step.py)
-nsys_step() {
-NSYS=$(ls /usr/local/cuda-13.0/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys /usr/local/cuda*/bin/nsys 2>/dev/null | head -1)
-[ -n "$NSYS" ] || { echo "nsys not found"; return; }
-for m in /tmp/g8b ${NSYS_MODELS:-/tmp/g8b-aware}; do
-  step "nsys: one decode step of $m (batch 1, fused step graph)"
-  rm -f /tmp/ns.*
-  timeout 200 $NSYS profile -t cuda --cuda-graph-trace=node -o /tmp/ns -f true $B bench decode $m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 16 --repeats 1 --batch 1 --paths fused > /tmp/ns.log 2>&1
-  echo "nsys rc $?"
-  $NSYS stats -r cuda_gpu_trace -f csv -o /tmp/ns /tmp/ns.nsys-rep > /dev/null 2>&1
-  cp /tmp/ns_cuda_gpu_trace.csv "$OUT/nsys-$(basename $m).csv"; tail -3 /tmp/ns.log
-  python3 scripts/nsys-step.py /tmp/ns_cuda_gpu_trace.csv | tee "$OUT/nsys-$(basename $m).txt"
-done
 }
 # decode of two plans with half the linear parameters: svd everywhere, and attention kept dense
 # with the MLPs at 36.67 % (scripts/plans/granite-8b-mlp-half.json: fewer, larger launches)

@@ -24,7 +24,10 @@ use crate::gpu::{ce, cuda_only, input_copy, settle_tensor, solver};
 type CResult<T> = candle_core::Result<T>;
 
 /// Orthonormalizes the rows of a k × n f64 matrix (k ≤ n) in place of a copy: the thin Q of its
-/// transpose, by cuSOLVER's Householder QR (`Dgeqrf`) and `Dorgqr`.
+/// transpose, by cuSOLVER's Householder QR (`Dgeqrf`) and `Dorgqr`. Their `info` is not read:
+/// it reports only an illegal argument (a Householder QR cannot fail numerically), which the
+/// shape check in `cuda_fwd` rules out, and reading it would cost a device sync per call in
+/// the filter's loop.
 struct OrthRows;
 
 impl CustomOp1 for OrthRows {
