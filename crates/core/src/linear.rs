@@ -202,6 +202,104 @@ fn mpo_apply(cores: &[Tensor], x: &Tensor) -> Result<Tensor> {
     t.reshape((b, p / b))
 }
 
+/// An MPO layer cut at one bond into its two halves, so that a decode step applies it as two
+/// GEMMs instead of one contraction per site. With I₁, J₁ the row and column indices of the
+/// sites before the cut and I₂, J₂ those after it (row-major, as in the layer), and a the bond:
+/// W[(I₁, I₂), (J₁, J₂)] = Σₐ L[I₁, (J₁, a)] · R[(a, I₂), J₂].
+/// Then y = x Wᵀ is Z = X Rᵀ, with X = x as (J₁ × J₂) and Z read as ((J₁, a) × I₂), then
+/// y = L Z, read as (I₁ × I₂).
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+pub(crate) struct MpoHalves {
+    /// |I₁| × (|J₁|·χ)
+    pub l: Tensor,
+    /// (χ·|I₂|) × |J₂|
+    pub r: Tensor,
+    pub i1: usize,
+    pub i2: usize,
+    pub j1: usize,
+    pub j2: usize,
+    pub chi: usize,
+}
+
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+impl MpoHalves {
+    /// Cuts `cores` at the bond where the halves hold the fewest values, and contracts each half
+    /// in f32. The halves are returned in the cores' dtype. When the cores' outer bonds are full,
+    /// as truncated tensor trains have them, the halves hold no more values than the cores.
+    pub(crate) fn new(cores: &[Tensor]) -> Result<MpoHalves> {
+        let k = cores.len();
+        if k < 2 {
+            candle_core::bail!("an MPO layer of {k} site(s) has no bond to cut");
+        }
+        let dims: Vec<(usize, usize, usize, usize)> = cores.iter().map(|g| g.dims4()).collect::<Result<_>>()?;
+        let size = |s: usize| {
+            let (i1, j1): (usize, usize) = (dims[..s].iter().map(|d| d.1).product(), dims[..s].iter().map(|d| d.2).product());
+            let (i2, j2): (usize, usize) = (dims[s..].iter().map(|d| d.1).product(), dims[s..].iter().map(|d| d.2).product());
+            let chi = dims[s].0;
+            (i1 * j1 * chi + chi * i2 * j2, (i1, i2, j1, j2, chi))
+        };
+        let s = (1..k).min_by_key(|&s| size(s).0).unwrap_or(1);
+        let (i1, i2, j1, j2, chi) = size(s).1;
+        let dtype = cores[0].dtype();
+        // left: (i1, j1, …, i_s, j_s) × a, then the rows put in (I₁, J₁) order
+        let mut acc = Tensor::ones((1, 1), candle_core::DType::F32, cores[0].device())?;
+        for g in &cores[..s] {
+            let (c, mt, nt, c2) = g.dims4()?;
+            acc = acc.matmul(&g.to_dtype(candle_core::DType::F32)?.reshape((c, mt * nt * c2))?)?;
+            acc = acc.reshape((acc.elem_count() / c2, c2))?;
+        }
+        let l = interleaved_to_blocks(&acc, &dims[..s], 0, true)?.reshape((i1, j1 * chi))?.to_dtype(dtype)?;
+        // right: a × (i_{s+1}, j_{s+1}, …), then the columns put in (I₂, J₂) order
+        let mut acc = Tensor::eye(chi, candle_core::DType::F32, cores[0].device())?;
+        for g in &cores[s..] {
+            let (c, mt, nt, c2) = g.dims4()?;
+            let rows = acc.elem_count() / c;
+            acc = acc.reshape((rows, c))?.matmul(&g.to_dtype(candle_core::DType::F32)?.reshape((c, mt * nt * c2))?)?;
+        }
+        let r = interleaved_to_blocks(&acc, &dims[s..], chi, false)?.reshape((chi * i2, j2))?.to_dtype(dtype)?;
+        Ok(MpoHalves { l, r, i1, i2, j1, j2, chi })
+    }
+
+    /// Values the two halves hold.
+    pub(crate) fn params(&self) -> usize {
+        self.l.elem_count() + self.r.elem_count()
+    }
+
+    /// y (B, |I₁|·|I₂|) = x (B, |J₁|·|J₂|) Wᵀ through the halves (the order a decode step runs).
+    #[cfg(test)]
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let z = x.reshape((b * self.j1, self.j2))?.matmul(&self.r.t()?)?; // (B·J₁, χ·I₂)
+        let z = z.reshape((b, self.j1 * self.chi, self.i2))?;
+        let l = self.l.unsqueeze(0)?.broadcast_as((b, self.i1, self.j1 * self.chi))?;
+        l.matmul(&z)?.reshape((b, self.i1 * self.i2))
+    }
+}
+
+/// `acc` holds a contracted half of an MPO with its site indices interleaved (m₁, n₁, m₂, n₂, …
+/// of `dims`) and the bond last (`bond_last`) or first (of size `chi`): returns it with the row
+/// indices before the column indices, the bond where it was.
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+fn interleaved_to_blocks(acc: &Tensor, dims: &[(usize, usize, usize, usize)], chi: usize, bond_last: bool) -> Result<Tensor> {
+    let k = dims.len();
+    let mut shape: Vec<usize> = Vec::with_capacity(2 * k + 1);
+    if !bond_last {
+        shape.push(chi);
+    }
+    shape.extend(dims.iter().flat_map(|d| [d.1, d.2]));
+    let off = usize::from(!bond_last);
+    let mut perm: Vec<usize> = Vec::with_capacity(2 * k + 1);
+    if !bond_last {
+        perm.push(0);
+    }
+    perm.extend((0..k).map(|t| off + 2 * t).chain((0..k).map(|t| off + 2 * t + 1)));
+    if bond_last {
+        shape.push(acc.elem_count() / shape.iter().product::<usize>());
+        perm.push(2 * k);
+    }
+    acc.reshape(shape)?.permute(perm)?.contiguous()
+}
+
 /// Contracts axis `axis` of `t` (size d) with `mat` (d × r): the axis becomes size r.
 pub(crate) fn mode_mul(t: &Tensor, axis: usize, mat: &Tensor) -> Result<Tensor> {
     let dims = t.dims().to_vec();
@@ -357,4 +455,51 @@ pub fn from_factorization(
             bias,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn cores(rows: &[usize], cols: &[usize], bonds: &[usize]) -> Vec<Tensor> {
+        let chi: Vec<usize> = std::iter::once(1).chain(bonds.iter().copied()).chain(std::iter::once(1)).collect();
+        (0..rows.len()).map(|t| Tensor::randn(0f32, 1f32, (chi[t], rows[t], cols[t], chi[t + 1]), &Device::Cpu).unwrap()).collect()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn mpo_halves_apply_the_layer_as_the_cores_do() {
+        // granite-tiny's gate_proj under a tt plan at 0.5 (768 × 256, bonds 24, 95, 16), a layer
+        // whose outer bonds are truncated (the cut then moves), and three sites
+        for (rows, cols, bonds) in [
+            (vec![6, 8, 4, 4], vec![4, 4, 4, 4], vec![24, 95, 16]),
+            (vec![4, 4, 4, 4], vec![4, 4, 4, 4], vec![3, 40, 16]),
+            (vec![8, 4, 6], vec![4, 8, 2], vec![20, 9]),
+        ] {
+            let g = cores(&rows, &cols, &bonds);
+            let (m, n) = (rows.iter().product::<usize>(), cols.iter().product::<usize>());
+            let h = MpoHalves::new(&g).unwrap();
+            assert_eq!((h.i1 * h.i2, h.j1 * h.j2), (m, n));
+            let core_values: usize = g.iter().map(|c| c.elem_count()).sum();
+            let x = Tensor::randn(0f32, 1f32, (3, n), &Device::Cpu).unwrap();
+            let want = mpo_apply(&g, &x).unwrap();
+            let dense = x.matmul(&mpo_dense(&g, &rows, &cols).unwrap().t().unwrap()).unwrap();
+            let got = h.apply(&x).unwrap();
+            assert_eq!(got.dims(), &[3, m]);
+            assert!(max_rel(&got, &want) < 1e-5, "{rows:?}: {}", max_rel(&got, &want));
+            assert!(max_rel(&got, &dense) < 1e-5);
+            if bonds[0] == rows[0] * cols[0] && bonds[bonds.len() - 1] == rows[rows.len() - 1] * cols[cols.len() - 1] {
+                assert!(h.params() <= core_values, "{} > {core_values}", h.params());
+            }
+        }
+        // bf16 cores give bf16 halves
+        let g: Vec<Tensor> = cores(&[4, 4], &[4, 4], &[16]).iter().map(|c| c.to_dtype(DType::BF16).unwrap()).collect();
+        assert_eq!(MpoHalves::new(&g).unwrap().l.dtype(), DType::BF16);
+        assert!(MpoHalves::new(&g[..1]).is_err());
+    }
 }
