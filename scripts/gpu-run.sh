@@ -5,7 +5,7 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
 #   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
-#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), tt_split (their second GEMM split over K or not), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
@@ -166,20 +166,6 @@ done; done
 step "MPO decode: synthetic Granite-8B, tt plan at 0.5"
 compress_once /tmp/g8b-tt --method tt --ratio 0.5
 timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch ${TT_BATCH:-1,16} --paths ops,graph 2>&1 | grep -vE "^loaded"
-}
-# tt_split: the MPO layers' second GEMM split over K (default) against one GEMM
-# (COMPACTOR_MPO_SPLITK=0): agreement with candle ops (granite-tiny and the synthetic Granite-8B tt
-# plans), then decode speed with the dense and svd models in the same process
-tt_split() {
-step "MPO decode, split-K second GEMM: agreement with candle ops"
-[ -d /tmp/gt-tt-cuda ] || timeout 100 $B compress $G --method tt --ratio 0.5 --device cuda --out /tmp/gt-tt-cuda > /dev/null
-timeout 60 $B bench decode /tmp/gt-tt-cuda --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1,16 --paths ops,graph 2>&1 | grep "vs candle"
-compress_once /tmp/g8b-tt --method tt --ratio 0.5
-timeout 100 $B bench decode /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 4 --repeats 1 --batch 1,16 --paths ops,graph 2>&1 | grep "vs candle"
-for k in 1 0; do
-  step "MPO decode speed, COMPACTOR_MPO_SPLITK=$k"
-  COMPACTOR_MPO_SPLITK=$k timeout 150 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1,16 --paths graph 2>&1 | grep -E "^/tmp|^decode"
-done
 }
 # aware: the decode-aware plan at half the parameters (scripts/plans/granite-8b-decode-50.json)
 aware() {

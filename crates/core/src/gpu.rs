@@ -1586,47 +1586,6 @@ pub(crate) fn cublas_mpo_left(dev: &candle_core::cuda::CudaDevice, b: usize, l: 
     .map_err(ce("cublasGemmStridedBatchedEx"))
 }
 
-/// The second GEMM of an MPO layer split over K (one input): for c < `chunks`, the f32 partial
-/// p_c (i1 × i2) = L[:, c·kc .. (c+1)·kc] (i1 × kc) · Z[c·kc .. (c+1)·kc, :] (kc × i2), with L
-/// (i1 × chunks·kc) and Z (chunks·kc × i2) row-major bf16 and the p_c following each other.
-pub(crate) fn cublas_mpo_chunks(dev: &candle_core::cuda::CudaDevice, l: u64, z: u64, p: u64, i1: usize, i2: usize, kc: usize, chunks: usize) -> CResult<()> {
-    use cudarc::cublas::sys as cb;
-    let blas = dev.cublas_handle();
-    let (alpha, beta) = (1f32, 0f32);
-    let (bf, f32t) = (cb::cudaDataType_t::CUDA_R_16BF, cb::cudaDataType_t::CUDA_R_32F);
-    let n = cb::cublasOperation_t::CUBLAS_OP_N;
-    // column-major, per chunk: p_cᵀ (i2 × i1) = Z_cᵀ (i2 × kc) · L_cᵀ (kc × i1)
-    unsafe {
-        cb::cublasGemmStridedBatchedEx(
-            *blas.handle(),
-            n,
-            n,
-            i2 as i32,
-            i1 as i32,
-            kc as i32,
-            &alpha as *const f32 as *const _,
-            z as *const _,
-            bf,
-            i2 as i32,
-            (kc * i2) as i64,
-            l as *const _,
-            bf,
-            (chunks * kc) as i32,
-            kc as i64,
-            &beta as *const f32 as *const _,
-            p as *mut _,
-            f32t,
-            i2 as i32,
-            (i1 * i2) as i64,
-            chunks as i32,
-            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .result()
-    .map_err(ce("cublasGemmStridedBatchedEx (split over K)"))
-}
-
 fn check_operand(l: &Layout, what: &str) -> CResult<(usize, usize)> {
     let (r, c) = l.shape().dims2()?;
     if c % 8 != 0 || !l.is_contiguous() || l.start_offset() % 8 != 0 {

@@ -274,18 +274,6 @@ extern "C" __global__ void step_silu_mul(const unsigned short* g, const unsigned
         ((uint4*)a)[i] = pack8(gf);
     }
 }
-// y (bf16, b × n) = Σ over `chunks` partial sums p (f32, b × chunks × n): the split-K end of an
-// MPO layer's second GEMM.
-extern "C" __global__ void step_sum_chunks(const float* p, unsigned short* y, int n, int chunks, int b) {
-    pdl_launch_next(); pdl_wait();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < b * n; i += gridDim.x * blockDim.x) {
-        const int bb = i / n, e = i - bb * n;
-        const float* q = p + (size_t)bb * chunks * n + e;
-        float acc = 0.f;
-        for (int c = 0; c < chunks; c++) acc += q[(size_t)c * n];
-        y[i] = to_bf16(acc);
-    }
-}
 // out (f32) = l (bf16) · mul over n elements.
 extern "C" __global__ void step_logits(const unsigned short* l, float* out, int n, float mul) {
     pdl_launch_next(); pdl_wait();
@@ -356,10 +344,8 @@ pub struct Decoder {
     mode: u8,
     /// the fused kinds run the step (norms, residual adds and silu·up inside the products)
     fused: bool,
-    /// bf16 scratch for the MPO layers' intermediate Z, and f32 scratch for their split-K
-    /// partial sums (`None` without MPO layers)
+    /// bf16 scratch for the MPO layers' intermediate Z (`None` without MPO layers)
     mpo_z: Option<Tensor>,
-    mpo_part: Option<Tensor>,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -453,13 +439,6 @@ impl Switch {
 
 static STEP_GRAPH: Switch = Switch::new("COMPACTOR_STEP_GRAPH");
 static STEP_FUSE: Switch = Switch::new("COMPACTOR_STEP_FUSE");
-
-/// Whether an MPO layer's second GEMM is split over K (`COMPACTOR_MPO_SPLITK=0` turns it off).
-static MPO_SPLIT_K: Switch = Switch::new("COMPACTOR_MPO_SPLITK");
-
-fn mpo_split_k() -> bool {
-    MPO_SPLIT_K.get()
-}
 
 /// Whether the step graph may be used (`COMPACTOR_STEP_GRAPH=0` turns it off).
 pub fn enabled() -> bool {
@@ -555,8 +534,6 @@ impl Decoder {
         let z_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
         let any_mpo = z_len > 0;
         let mpo_z = if any_mpo { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
-        let part_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.i1 * h.i2 } else { 0 }).max().unwrap_or(0);
-        let mpo_part = if any_mpo { Some(Tensor::zeros(part_len, DType::F32, device)?) } else { None };
         if mode == 0 || any_mpo {
             crate::gpu::cublas_workspace(dev)?;
         }
@@ -572,7 +549,6 @@ impl Decoder {
             mode,
             fused,
             mpo_z,
-            mpo_part,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
@@ -658,7 +634,7 @@ impl Decoder {
                     let (l, r, z) = (tensor_addr(&h.l)?, tensor_addr(&h.r)?, tensor_addr(z)?);
                     let p = Product { w: r, x, y: z, rows: h.chi * h.i2, cols: h.j2, ldx: h.j2 };
                     crate::gpu::cublas_product(&self.dev, self.batch * h.j1, &p)?;
-                    self.mpo_left(h, l, z, y)?;
+                    crate::gpu::cublas_mpo_left(&self.dev, self.batch, l, z, y, h.i1, h.i2, h.j1 * h.chi)?;
                 }
                 Lin::Dense { w, rows, cols } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols }),
                 Lin::LowRank { a, b, rows, rank, cols, t } => {
@@ -715,26 +691,6 @@ impl Decoder {
             launch_fused(dev, nb, &second, &[], None, out)?;
         }
         Ok(())
-    }
-
-    /// y = L Z of an MPO layer (see [`Lin::Mpo`]), split over K: one GEMM of chi columns of L for
-    /// each of the j1 column blocks (J₁ = c), into f32 partial sums, then their sum. A single
-    /// GEMM of K = j1·chi has a 64 × 64-sized output and too few tiles to fill the GPU.
-    /// `COMPACTOR_MPO_SPLITK=0` runs it as that single GEMM instead.
-    fn mpo_left(&self, h: &MpoHalves, l: u64, z: u64, y: u64) -> crate::Result<()> {
-        use Arg::{I, P};
-        let k = h.j1 * h.chi;
-        let Some(part) = self.mpo_part.as_ref().filter(|_| mpo_split_k()) else {
-            return Ok(crate::gpu::cublas_mpo_left(&self.dev, self.batch, l, z, y, h.i1, h.i2, k)?);
-        };
-        let part = tensor_addr(part)?;
-        let n = h.i1 * h.i2;
-        for bb in 0..self.batch {
-            let (zb, pb) = (z + (bb * k * h.i2 * 2) as u64, part + (bb * h.j1 * n * 4) as u64);
-            crate::gpu::cublas_mpo_chunks(&self.dev, l, zb, pb, h.i1, h.i2, h.chi, h.j1)?;
-        }
-        let blocks = ((self.batch * n) as u32).div_ceil(256).min(1024);
-        self.launch("step_sum_chunks", (blocks, 1), 256, 0, &[P(part), P(y), I(n as i32), I(h.j1 as i32), I(self.batch as i32)])
     }
 
     /// Whether `COMPACTOR_STEP_SKIP` leaves this kind of kernel out (timing only).
