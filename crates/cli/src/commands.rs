@@ -413,6 +413,10 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
             if p == "fused" && batch > compactor_core::gpu::FUSED_MAX_BATCH {
                 println!("(the fused kinds run batches of up to {} on CUDA cores: batch {batch} runs the unfused step graph)", compactor_core::gpu::FUSED_MAX_BATCH);
             }
+            #[cfg(feature = "cuda")]
+            if p == "fused" && models.iter().any(|(_, m)| m.blocks.iter().flat_map(|b| b.linears.iter()).any(|l| matches!(l, compactor_core::linear::Linear::Mpo { .. }))) {
+                println!("(models with MPO layers run the unfused step graph: the fused kinds take dense and low-rank products only)");
+            }
             println!("{:<50} {:>12} {:>14} {:>10} {:>16} {:>8}", "model", "linear params", "decode tok/s", "vs dense", "weight GB/step", "GB/s");
             for (i, (name, m)) in models.iter().enumerate() {
                 let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();

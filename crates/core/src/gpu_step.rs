@@ -386,11 +386,9 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
             Some(Lin::LowRank { a: tensor_addr(a)?, b: tensor_addr(b)?, rows, rank, cols, t })
         }
         Linear::Mpo { cores, .. } => {
-            let halves = MpoHalves::new(cores)?;
-            let values: usize = cores.iter().map(|c| c.elem_count()).sum();
-            // the halves must not move more bytes than the cores hold (true when the outer bonds
-            // are full, as a truncated tensor train has them)
-            if halves.params() > values || !usable(&[&halves.l, &halves.r], 8)? {
+            // no cut that pays (more bytes or more work than the cores): candle ops for the model
+            let Some(halves) = MpoHalves::new(cores)? else { return Ok(None) };
+            if !usable(&[&halves.l, &halves.r], 8)? {
                 return Ok(None);
             }
             Some(Lin::Mpo(halves))
