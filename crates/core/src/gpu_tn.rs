@@ -15,6 +15,7 @@
 //! mode step the Gram and one norm. All are a few bytes; none moves the tensor.
 
 use crate::gpu::{ce, cuda_only, input_copy, settle, solver};
+use crate::linear::khatri_rao;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
@@ -131,14 +132,6 @@ pub struct CpFit {
     pub converged: bool,
 }
 
-/// Khatri–Rao product of `fs` (each `dim × r`), row-major over the modes in order: `Π dim × r`.
-fn khatri_rao(fs: &[&Tensor], r: usize, dev: &candle_core::Device) -> CResult<Tensor> {
-    fs.iter().try_fold(Tensor::ones((1, r), DType::F64, dev)?, |acc, f| {
-        let rows = acc.dim(0)? * f.dim(0)?;
-        acc.unsqueeze(1)?.broadcast_mul(&f.unsqueeze(0)?)?.reshape((rows, r))
-    })
-}
-
 /// MTTKRP for mode d (`dim_d × r`), with the other modes split into a prefix and a suffix of
 /// about √rest rows each as on the CPU, so that no Khatri–Rao product has `rest` rows.
 fn mttkrp(t: &Tensor, dims: &[usize], factors: &[Tensor], d: usize, r: usize) -> CResult<Tensor> {
@@ -152,8 +145,8 @@ fn mttkrp(t: &Tensor, dims: &[usize], factors: &[Tensor], d: usize, r: usize) ->
         h += 1;
     }
     let (a_modes, b_modes) = others.split_at(h);
-    let kra = khatri_rao(&a_modes.iter().map(|&e| &factors[e]).collect::<Vec<_>>(), r, dev)?;
-    let krb = khatri_rao(&b_modes.iter().map(|&e| &factors[e]).collect::<Vec<_>>(), r, dev)?;
+    let kr = |modes: &[usize]| khatri_rao(&modes.iter().map(|&e| &factors[e]).collect::<Vec<_>>(), r, DType::F64, dev);
+    let (kra, krb) = (kr(a_modes)?, kr(b_modes)?);
     let p = unfold(t, d)?.reshape((dim * pa, rest / pa))?.matmul(&krb)?;
     p.reshape((dim, pa, r))?.broadcast_mul(&kra.unsqueeze(0)?)?.sum(1)
 }

@@ -257,27 +257,19 @@ impl MpoHalves {
             // per row: Z = X Rᵀ (j1 rows of R's size), then y = L Z (i2 columns of L's size)
             (j1 * r + i2 * l, l + r, (i1, i2, j1, j2, chi))
         };
-        let Some(s) = (1..k).filter(|&s| cut(s).1 <= values && cut(s).0 <= site_macs).min_by_key(|&s| (cut(s).0, cut(s).1)) else {
+        let best = (1..k).map(|s| (s, cut(s))).filter(|(_, (macs, vals, _))| *vals <= values && *macs <= site_macs).min_by_key(|(_, (macs, vals, _))| (*macs, *vals));
+        let Some((s, (_, _, (i1, i2, j1, j2, chi)))) = best else {
             return Ok(None);
         };
-        let (i1, i2, j1, j2, chi) = cut(s).2;
         let dtype = cores[0].dtype();
+        let (f32, dev) = (candle_core::DType::F32, cores[0].device());
+        let sites = |d: &[(usize, usize, usize, usize)]| d.iter().map(|d| (d.1, d.2)).collect::<Vec<_>>();
         // left: (i1, j1, …, i_s, j_s) × a, then the rows put in (I₁, J₁) order
-        let mut acc = Tensor::ones((1, 1), candle_core::DType::F32, cores[0].device())?;
-        for g in &cores[..s] {
-            let (c, mt, nt, c2) = g.dims4()?;
-            acc = acc.matmul(&g.to_dtype(candle_core::DType::F32)?.reshape((c, mt * nt * c2))?)?;
-            acc = acc.reshape((acc.elem_count() / c2, c2))?;
-        }
-        let l = interleaved_to_blocks(&acc, &dims[..s], 0, true)?.reshape((i1, j1 * chi))?.to_dtype(dtype)?;
+        let acc = contract_sites(Tensor::ones((1, 1), f32, dev)?, &cores[..s])?;
+        let l = interleaved_to_blocks(&acc, &sites(&dims[..s]), 0, true)?.reshape((i1, j1 * chi))?.to_dtype(dtype)?;
         // right: a × (i_{s+1}, j_{s+1}, …), then the columns put in (I₂, J₂) order
-        let mut acc = Tensor::eye(chi, candle_core::DType::F32, cores[0].device())?;
-        for g in &cores[s..] {
-            let (c, mt, nt, c2) = g.dims4()?;
-            let rows = acc.elem_count() / c;
-            acc = acc.reshape((rows, c))?.matmul(&g.to_dtype(candle_core::DType::F32)?.reshape((c, mt * nt * c2))?)?;
-        }
-        let r = interleaved_to_blocks(&acc, &dims[s..], chi, false)?.reshape((chi * i2, j2))?.to_dtype(dtype)?;
+        let acc = contract_sites(Tensor::eye(chi, f32, dev)?, &cores[s..])?;
+        let r = interleaved_to_blocks(&acc, &sites(&dims[s..]), chi, false)?.reshape((chi * i2, j2))?.to_dtype(dtype)?;
         Ok(Some(MpoHalves { l, r, i1, i2, j1, j2, chi }))
     }
 
@@ -309,7 +301,7 @@ pub struct MpoCache(std::sync::OnceLock<Option<MpoHalves>>);
 
 impl MpoCache {
     fn get(&self, cores: &[Tensor], x: &Tensor) -> Result<Option<&MpoHalves>> {
-        if !x.device().is_cpu() || cores.len() < 2 || cores.iter().any(|c| c.is_variable()) {
+        if !x.device().is_cpu() || cores.iter().any(|c| c.is_variable()) {
             return Ok(None);
         }
         if let Some(h) = self.0.get() {
@@ -320,16 +312,27 @@ impl MpoCache {
     }
 }
 
-/// `acc` holds a contracted half of an MPO with its site indices interleaved (m₁, n₁, m₂, n₂, …
-/// of `dims`) and the bond last (`bond_last`) or first (of size `chi`): returns it with the row
-/// indices before the column indices, the bond where it was.
-fn interleaved_to_blocks(acc: &Tensor, dims: &[(usize, usize, usize, usize)], chi: usize, bond_last: bool) -> Result<Tensor> {
-    let k = dims.len();
+/// `acc` (r × χ₀) contracted with MPO `cores` left to right, in `acc`'s dtype: (r·m₁n₁⋯m_kn_k) ×
+/// χ_k, the site indices interleaved (m₁, n₁, m₂, n₂, …) after r's.
+fn contract_sites(mut acc: Tensor, cores: &[Tensor]) -> Result<Tensor> {
+    for g in cores {
+        let (c, mt, nt, c2) = g.dims4()?;
+        acc = acc.matmul(&g.to_dtype(acc.dtype())?.reshape((c, mt * nt * c2))?)?;
+        acc = acc.reshape((acc.elem_count() / c2, c2))?;
+    }
+    Ok(acc)
+}
+
+/// `acc` holds contracted MPO sites with their indices interleaved (m₁, n₁, m₂, n₂, … of `sites`,
+/// (m_t, n_t) each) and the bond last (`bond_last`) or first (of size `chi`): returns it with the
+/// row indices before the column indices, the bond where it was.
+fn interleaved_to_blocks(acc: &Tensor, sites: &[(usize, usize)], chi: usize, bond_last: bool) -> Result<Tensor> {
+    let k = sites.len();
     let mut shape: Vec<usize> = Vec::with_capacity(2 * k + 1);
     if !bond_last {
         shape.push(chi);
     }
-    shape.extend(dims.iter().flat_map(|d| [d.1, d.2]));
+    shape.extend(sites.iter().flat_map(|&(m, n)| [m, n]));
     let off = usize::from(!bond_last);
     let mut perm: Vec<usize> = Vec::with_capacity(2 * k + 1);
     if !bond_last {
@@ -390,16 +393,13 @@ fn tucker_apply(core: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Resu
 /// Rows of input from which tensor-network layers contract their factors first (see `forward`).
 const FACTORS_FIRST_ROWS: usize = 64;
 
-/// Khatri–Rao product of site factors (d_s × R each, first site slowest): row
-/// (i_1, …, i_k) is the elementwise product of their rows.
-fn khatri_rao(fs: &[&Tensor]) -> Result<Tensor> {
-    let rank = fs[0].dim(1)?;
-    let mut kr = fs[0].clone();
-    for f in &fs[1..] {
-        let (a, d) = (kr.dim(0)?, f.dim(0)?);
-        kr = kr.reshape((a, 1, rank))?.broadcast_mul(&f.reshape((1, d, rank))?)?.reshape((a * d, rank))?;
-    }
-    Ok(kr)
+/// Khatri–Rao product of site factors (d_s × r each, first site slowest): row (i_1, …, i_k) is
+/// the elementwise product of their rows; no factors give one row of ones (`dtype` on `dev`).
+pub(crate) fn khatri_rao(fs: &[&Tensor], r: usize, dtype: candle_core::DType, dev: &candle_core::Device) -> Result<Tensor> {
+    fs.iter().try_fold(Tensor::ones((1, r), dtype, dev)?, |acc, f| {
+        let rows = acc.dim(0)? * f.dim(0)?;
+        acc.unsqueeze(1)?.broadcast_mul(&f.unsqueeze(0)?)?.reshape((rows, r))
+    })
 }
 
 /// CP over interleaved modes: z_r = Σ_j x_j Π_t B_t[j_t, r] (site by site), then
@@ -437,18 +437,10 @@ fn cp_apply(weights: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Resul
 /// The dense m × n matrix of MPO cores (contracted left to right, then the interleaved modes put
 /// back in row/column order).
 pub fn mpo_dense(cores: &[Tensor], row_dims: &[usize], col_dims: &[usize]) -> candle_core::Result<Tensor> {
-    let k = row_dims.len();
-    let mut acc = Tensor::ones((1, 1), cores[0].dtype(), cores[0].device())?;
-    for g in cores {
-        let (chi, mt, nt, b) = g.dims4()?;
-        acc = acc.matmul(&g.reshape((chi, mt * nt * b))?)?;
-        let left = acc.dim(0)?;
-        acc = acc.reshape((left * mt * nt, b))?;
-    }
-    let shape: Vec<usize> = row_dims.iter().zip(col_dims).flat_map(|(&a, &b)| [a, b]).collect();
-    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
+    let acc = contract_sites(Tensor::ones((1, 1), cores[0].dtype(), cores[0].device())?, cores)?;
+    let sites: Vec<(usize, usize)> = row_dims.iter().copied().zip(col_dims.iter().copied()).collect();
     let (m, n) = (row_dims.iter().product::<usize>(), col_dims.iter().product::<usize>());
-    acc.reshape(shape)?.permute(perm)?.contiguous()?.reshape((m, n))
+    interleaved_to_blocks(&acc, &sites, 0, true)?.reshape((m, n))
 }
 
 /// The dense m × n matrix of a Tucker layer: the core's modes multiplied by the factors, then
@@ -469,7 +461,8 @@ fn cp_dense(weights: &Tensor, factors: &[Tensor]) -> Result<Tensor> {
     let rank = weights.dim(0)?;
     let outputs: Vec<&Tensor> = (0..k).map(|s| &factors[2 * s]).collect();
     let inputs: Vec<&Tensor> = (0..k).map(|s| &factors[2 * s + 1]).collect();
-    khatri_rao(&outputs)?.broadcast_mul(&weights.reshape((1, rank))?)?.matmul(&khatri_rao(&inputs)?.t()?)
+    let kr = |fs: &[&Tensor]| khatri_rao(fs, rank, weights.dtype(), weights.device());
+    kr(&outputs)?.broadcast_mul(&weights.reshape((1, rank))?)?.matmul(&kr(&inputs)?.t()?)
 }
 
 /// Builds the runtime layer for a factorization (quantized factors are dequantized on load).

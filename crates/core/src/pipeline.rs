@@ -391,8 +391,8 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
     let t0 = Instant::now();
     let w = crate::gpu::load_weight(ck, &format!("{}.weight", spec.name), device)?;
     let (m, n) = w.dims2()?;
-    let method = to_dc_method(r.method);
-    let sites = sites_for(spec, r.sites);
+    let opts = fit_options(spec, r);
+    let (method, sites) = (opts.method, &opts.sites);
     let (rd, cd) = dc::sites::resolve_sites(m, n, sites.as_ref())?;
     let rank = match rank_choice(r) {
         RankChoice::Rank(k) => {
@@ -435,7 +435,6 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
             (cores, hat)
         }
         Method::Tucker => {
-            let opts = fit_options(spec, r);
             let dims = dc::sites::interleaved(&rd, &cd);
             let fit = crate::gpu_tn::tucker_hooi(&w, &rd, &cd, &dc::tucker::ranks_for_cap(&dims, rank), opts.max_iters, opts.tol)?;
             gpu::lap(device, Some(3));
@@ -444,7 +443,6 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
             return finish_on_host(Factorization::Tucker { m, n, row_dims: rd, col_dims: cd, core, factors }, fit.iterations);
         }
         Method::Cp => {
-            let opts = fit_options(spec, r);
             let dims = dc::sites::interleaved(&rd, &cd);
             let fit = crate::gpu_tn::cp_als(&w, &rd, &cd, rank, opts.max_iters, opts.tol, opts.seed)?;
             gpu::lap(device, Some(3));
