@@ -4,7 +4,7 @@ gpu_band.rs, a module of their own) with
 NVRTC, as the CUDA binary does at run time on the GPU machine (decode: compute_90 on sm_90+ GPUs,
 compute_80 on older ones), so that a kernel
 that does not compile is caught here, before a GPU call. Usage: nvrtc-check.py LIBNVRTC"""
-import ctypes, os, sys
+import ctypes, os, shutil, subprocess, sys, tempfile
 
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -28,10 +28,27 @@ def check(src, name, arch):
     if rc != 0:
         sys.exit(f"NVRTC could not compile {name}:\n{log.value.decode()}")
     print(f"{name} compiles with NVRTC ({arch})")
+    # assemble the PTX as the driver will (inline asm is checked only here), when ptxas is on PATH
+    ptxas = shutil.which("ptxas")
+    if ptxas:
+        size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        with tempfile.TemporaryDirectory() as d:
+            f = os.path.join(d, "k.ptx")
+            open(f, "wb").write(ptx.value)
+            sm = arch.replace("compute_", "sm_")
+            r = subprocess.run([ptxas, f"--gpu-name={sm}", "-v", "-o", os.path.join(d, "k.cubin"), f], capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"ptxas could not assemble {name} for {sm}:\n{r.stderr}")
+            if os.environ.get("PTXAS_VERBOSE"):
+                print(r.stderr)
+            print(f"{name} assembles with ptxas ({sm})")
 
 
 lib = ctypes.CDLL(sys.argv[1])
-decode = raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC")
+decode = os.environ.get("NVRTC_DEFINES", "") + raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC")
 for arch in ("compute_90", "compute_80"):
     check(decode, "decode.cu", arch)
 check(raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC"), "band.cu", "compute_80")

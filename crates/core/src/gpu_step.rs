@@ -24,7 +24,7 @@
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
 use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
-use crate::linear::{Linear, MpoHalves};
+use crate::linear::{Linear, MpoChunks, MpoHalves};
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -279,6 +279,178 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
     pdl_launch_next(); pdl_wait();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = bf(l[i]) * mul;
 }
+// An MPO layer as its two halves (linear::MpoHalves) in one launch, Z never leaving shared
+// memory; the weights come in linear::MpoChunks' layout (the bond in chunks of MPO_A, padded).
+// The blocks take the chunks in turn; per chunk and input row b:
+//   phase 1: zs[i2][a·J1p + j1] = Σ_j2 R[a][i2][j2] · x_b[j1][j2]  (tensor cores: R from global
+//            memory into registers, x_b from shared memory, Z rounded to bf16 as cuBLAS's Z is);
+//   phase 2: y_b[i1][i2] += Σ_k L[i1][k] · zs[i2][k]  (L from global memory; each warp owns an
+//            m-tile of 16 rows of i1 and every nsplit-th n-tile of 8 columns of i2, its sums kept
+//            in registers over the block's chunks).
+// Thread (g = lane/4, t = lane%4) loads 8 consecutive k of a row (16 bytes) on both operands of
+// mma.m16n8k16: the same permutation of k, so the products are unchanged (as in gemv_tc). The
+// blocks' sums meet in `acc` (f32, b × I1·I2, zero between launches) by atomic adds; the last
+// block to finish rounds them into y (bf16) and zeroes acc and `counter` for the next launch.
+// Grid: any; 256 threads; dynamic shared memory (J1p·XS + I2p·ZS) bf16 (XS, ZS below). Requires
+// I2 % 8 == 0 (I2p == I2), J2 % 8 == 0, J2p ≤ 32·MPO_KB1, I1 ≤ 128, I2 ≤ 8·MPO_NT2.
+#define MPO_A 4
+#define MPO_KB1 4
+// MPO_MINB: blocks per SM the compiler must fit (a register cap; `COMPACTOR_GEMV_DEFINES`)
+#ifdef MPO_MINB
+#define MPO_LB __launch_bounds__(256, MPO_MINB)
+#else
+#define MPO_LB __launch_bounds__(256)
+#endif
+#define MPO_NT2 16
+__device__ __forceinline__ uint4 mpo_ld(const unsigned short* p) { return __ldg((const uint4*)p); }
+// prefetches n bf16 from p into L1 (or L2 only): one 128-byte line per thread and step
+__device__ __forceinline__ void mpo_prefetch(const unsigned short* p, size_t n, bool l1) {
+    const char* c = (const char*)p;
+    for (size_t o = (size_t)threadIdx.x * 128; o < n * 2; o += (size_t)blockDim.x * 128) {
+        if (l1) asm volatile("prefetch.global.L1 [%0];" ::"l"(c + o));
+        else asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
+    }
+}
+__device__ __forceinline__ void mpo_red2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+// a row stride (in bf16) ≡ 32 (mod 64) for a width that is a multiple of 32: the 16-byte loads
+// of 8 threads (2 rows × 4) fall in distinct banks
+__device__ __forceinline__ int mpo_stride(int w) { return (w & 63) ? w : w + 32; }
+extern "C" __global__ void MPO_LB step_mpo(const unsigned short* __restrict__ x, const unsigned short* __restrict__ rk,
+                                                           const unsigned short* __restrict__ lk, float* acc, unsigned short* y,
+                                                           unsigned* counter, int batch, int I1, int I2, int J1, int J1p, int J2,
+                                                           int J2p, int chunks) {
+    extern __shared__ uint4 mpo_sm[];
+    __shared__ unsigned last;
+    const int K = MPO_A * J1p, XS = mpo_stride(J2p), ZS = mpo_stride(K);
+    unsigned short* xs = (unsigned short*)mpo_sm;
+    unsigned short* zs = xs + J1p * XS;
+    // a chunk's slices of R and L; the weights are never written, so the first chunk goes to L1
+    // and the block's next one to L2 before the wait for x
+    const size_t RC = (size_t)MPO_A * I2 * J2p, LC = (size_t)I1 * K;
+    mpo_prefetch(rk + blockIdx.x * RC, RC, true);
+    mpo_prefetch(lk + blockIdx.x * LC, LC, true);
+    if (blockIdx.x + gridDim.x < chunks) {
+        mpo_prefetch(rk + (blockIdx.x + gridDim.x) * RC, RC, false);
+        mpo_prefetch(lk + (blockIdx.x + gridDim.x) * LC, LC, false);
+    }
+    pdl_launch_next();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int MT1 = MPO_A * I2 / 16, NT1 = J1p / 8, KB1 = J2p / 32;
+    const int MT2 = (I1 + 15) >> 4, NT2 = I2 >> 3, KB2 = K / 32;
+    const int nsplit = max(1, 8 / MT2);
+    const int m2 = warp / nsplit, ns = warp - m2 * nsplit;
+    const bool active2 = m2 < MT2;
+    const int i1a = m2 * 16 + g, i1b = i1a + 8;
+    const int c8 = J2p >> 3;
+    for (int b = 0; b < batch; b++) {
+        __syncthreads();  // the previous row's last chunk has read xs and zs
+        const unsigned short* xb = x + (size_t)b * J1 * J2;
+        for (int e = threadIdx.x; e < J1p * c8; e += blockDim.x) {
+            const int j1 = e / c8, j = (e - j1 * c8) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (j1 < J1 && j < J2) v = *(const uint4*)(xb + (size_t)j1 * J2 + j);
+            *(uint4*)(xs + j1 * XS + j) = v;
+        }
+        float ac[MPO_NT2][4];
+#pragma unroll
+        for (int j = 0; j < MPO_NT2; j++) ac[j][0] = ac[j][1] = ac[j][2] = ac[j][3] = 0.f;
+        for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
+            // this chunk into L1 (the previous step put it in L2), the block's next one into L2
+            if (b == 0 && c != blockIdx.x) {
+                mpo_prefetch(rk + c * RC, RC, true);
+                mpo_prefetch(lk + c * LC, LC, true);
+                if (c + gridDim.x < chunks) {
+                    mpo_prefetch(rk + (c + gridDim.x) * RC, RC, false);
+                    mpo_prefetch(lk + (c + gridDim.x) * LC, LC, false);
+                }
+            }
+            __syncthreads();  // xs written; the previous chunk's phase 2 has read zs
+            const unsigned short* rc = rk + c * RC;
+            for (int mt = warp; mt < MT1; mt += 8) {
+                const int r0 = mt * 16 + g, r1 = r0 + 8;
+                uint4 pa[MPO_KB1], pb[MPO_KB1];
+#pragma unroll
+                for (int kb = 0; kb < MPO_KB1; kb++) {
+                    if (kb < KB1) {
+                        pa[kb] = mpo_ld(rc + (size_t)r0 * J2p + kb * 32 + t * 8);
+                        pb[kb] = mpo_ld(rc + (size_t)r1 * J2p + kb * 32 + t * 8);
+                    }
+                }
+                const int a0 = r0 / I2, a1 = r1 / I2;
+                unsigned short* za = zs + (r0 - a0 * I2) * ZS + a0 * J1p + 2 * t;
+                unsigned short* zb = zs + (r1 - a1 * I2) * ZS + a1 * J1p + 2 * t;
+                for (int nt = 0; nt < NT1; nt++) {
+                    float cz[4] = {0.f, 0.f, 0.f, 0.f};
+                    const unsigned short* xr = xs + (nt * 8 + g) * XS + t * 8;
+#pragma unroll
+                    for (int kb = 0; kb < MPO_KB1; kb++) {
+                        if (kb < KB1) {
+                            const uint4 q = *(const uint4*)(xr + kb * 32);
+                            mma16816(cz, pa[kb].x, pb[kb].x, pa[kb].y, pb[kb].y, q.x, q.y);
+                            mma16816(cz, pa[kb].z, pb[kb].z, pa[kb].w, pb[kb].w, q.z, q.w);
+                        }
+                    }
+                    *(unsigned*)(za + nt * 8) = to_bf16(cz[0]) | ((unsigned)to_bf16(cz[1]) << 16);
+                    *(unsigned*)(zb + nt * 8) = to_bf16(cz[2]) | ((unsigned)to_bf16(cz[3]) << 16);
+                }
+            }
+            __syncthreads();
+            if (active2) {
+                const unsigned short* lc = lk + c * LC + t * 8;
+                const unsigned short* la = lc + (size_t)min(i1a, I1 - 1) * K;
+                const unsigned short* lb = lc + (size_t)min(i1b, I1 - 1) * K;
+                const unsigned short* zr = zs + (ns * 8 + g) * ZS + t * 8;
+#pragma unroll 2
+                for (int kb = 0; kb < KB2; kb++) {
+                    uint4 p = make_uint4(0, 0, 0, 0), q = p;
+                    if (i1a < I1) p = mpo_ld(la + kb * 32);
+                    if (i1b < I1) q = mpo_ld(lb + kb * 32);
+#pragma unroll
+                    for (int j = 0; j < MPO_NT2; j++) {
+                        if (ns + j * nsplit < NT2) {
+                            const uint4 z = *(const uint4*)(zr + j * nsplit * 8 * ZS + kb * 32);
+                            mma16816(ac[j], p.x, q.x, p.y, q.y, z.x, z.y);
+                            mma16816(ac[j], p.z, q.z, p.w, q.w, z.z, z.w);
+                        }
+                    }
+                }
+            }
+        }
+        if (active2) {
+            float* ab = acc + (size_t)b * I1 * I2;
+#pragma unroll
+            for (int j = 0; j < MPO_NT2; j++) {
+                const int i2 = (ns + j * nsplit) * 8 + 2 * t;
+                if (i2 < I2) {
+                    if (i1a < I1) mpo_red2(ab + (size_t)i1a * I2 + i2, ac[j][0], ac[j][1]);
+                    if (i1b < I1) mpo_red2(ab + (size_t)i1b * I2 + i2, ac[j][2], ac[j][3]);
+                }
+            }
+        }
+    }
+    // the last block to finish has every sum: round into y, zero acc and the counter
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int n4 = batch * I1 * I2 / 4;
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const float4 v = __ldcg((const float4*)acc + i);
+        ((uint2*)y)[i] = make_uint2(to_bf16(v.x) | ((unsigned)to_bf16(v.y) << 16), to_bf16(v.z) | ((unsigned)to_bf16(v.w) << 16));
+        __stcg((float4*)acc + i, make_float4(0.f, 0.f, 0.f, 0.f));
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
 "#;
 
 /// Longest sequence a decoder holds (the attention kernel keeps a row of scores in shared memory).
@@ -301,6 +473,44 @@ enum Lin {
     /// an MPO layer as its two halves (`linear::MpoHalves`): Z = X Rᵀ into the decoder's
     /// `mpo_z`, then y = L Z, both cuBLAS GEMMs
     Mpo(MpoHalves),
+    /// an MPO layer as its halves in one launch of `step_mpo` (layout `linear::MpoChunks`), on
+    /// `grid` blocks with `smem` bytes of dynamic shared memory each
+    MpoFused { c: MpoChunks, grid: u32, smem: u32 },
+}
+
+/// Largest batch the fused MPO kernel runs (`COMPACTOR_MPO_FUSED`, default 16; 0: never, the
+/// two cuBLAS GEMMs of [`Lin::Mpo`] instead).
+fn mpo_fused_max_batch() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| std::env::var("COMPACTOR_MPO_FUSED").ok().and_then(|v| v.parse().ok()).unwrap_or(16))
+}
+
+/// `halves` in the fused kernel's form where its tiles fit (see `step_mpo`), else `None`.
+fn mpo_fused(dev: &candle_core::cuda::CudaDevice, halves: &MpoHalves) -> crate::Result<Option<Lin>> {
+    use cudarc::driver::sys::{CUdevice_attribute as A, CUfunction_attribute as F};
+    let (i1, i2, j2) = (halves.i1, halves.i2, halves.j2);
+    if i2 % 8 != 0 || j2 % 8 != 0 || j2.div_ceil(32) > 4 || i1 > 128 || i2 > 128 {
+        return Ok(None);
+    }
+    let c = halves.chunked()?;
+    if !usable(&[&c.rk, &c.lk], 8)? {
+        return Ok(None);
+    }
+    // the row strides of mpo_stride in STEP_SRC
+    let stride = |w: usize| if w % 64 == 0 { w + 32 } else { w };
+    let smem = 2 * (c.j1p * stride(c.j2p) + c.i2p * stride(crate::linear::MPO_CHUNK * c.j1p));
+    let ctx = dev.cuda_stream().context().clone();
+    let optin = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(ce("device attribute"))? as usize;
+    if smem > optin {
+        return Ok(None);
+    }
+    let f = kernel(dev, "step_mpo")?;
+    f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin as i32).map_err(ce("kernel attribute"))?;
+    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(ce("occupancy"))?.max(1) as usize;
+    let per_sm = std::env::var("COMPACTOR_MPO_OCC").ok().and_then(|v| v.parse::<usize>().ok()).map_or(per_sm, |cap| per_sm.min(cap.max(1)));
+    let sms = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("device attribute"))? as usize;
+    let grid = c.chunks.min(sms * per_sm) as u32;
+    Ok(Some(Lin::MpoFused { c, grid, smem: smem as u32 }))
 }
 
 struct Layer {
@@ -346,6 +556,8 @@ pub struct Decoder {
     fused: bool,
     /// bf16 scratch for the MPO layers' intermediate Z (`None` without MPO layers)
     mpo_z: Option<Tensor>,
+    /// f32 sums and u32 counter of the fused MPO layers (`None` without them)
+    mpo_acc: Option<(Tensor, Tensor)>,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -364,7 +576,7 @@ fn usable(ts: &[&Tensor], cols: usize) -> crate::Result<bool> {
     Ok(cols % 8 == 0)
 }
 
-fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
+fn lin(dev: &candle_core::cuda::CudaDevice, l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
     if l.bias().is_some() {
         return Ok(None);
     }
@@ -390,6 +602,11 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
             let Some(halves) = MpoHalves::new(cores)? else { return Ok(None) };
             if !usable(&[&halves.l, &halves.r], 8)? {
                 return Ok(None);
+            }
+            if batch <= mpo_fused_max_batch() {
+                if let Some(f) = mpo_fused(dev, &halves)? {
+                    return Ok(Some(f));
+                }
             }
             Some(Lin::Mpo(halves))
         }
@@ -490,7 +707,7 @@ impl Decoder {
         for (l, block) in model.blocks.iter().enumerate() {
             let mut lins = Vec::with_capacity(7);
             for role in Role::ALL {
-                match lin(block.linear(role), batch)? {
+                match lin(dev, block.linear(role), batch)? {
                     Some(x) => lins.push(x),
                     None => return Ok(None),
                 }
@@ -506,7 +723,7 @@ impl Decoder {
             }
             layers.push(Layer { lins, kc, vc });
         }
-        let Some(lm_head) = lin(&model.lm_head, batch)? else { return Ok(None) };
+        let Some(lm_head) = lin(dev, &model.lm_head, batch)? else { return Ok(None) };
         let vocab = cfg.vocab_size;
         let z = |n: usize| Tensor::zeros((batch, n), DType::BF16, device);
         let inv: Vec<f32> = (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
@@ -529,12 +746,16 @@ impl Decoder {
         };
         let mode = gemv_mode(batch);
         // one scratch for every MPO layer's Z (they run one after another on the stream)
-        let z_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
-        let any_mpo = z_len > 0;
-        let mpo_z = if any_mpo { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
-        if mode == 0 || any_mpo {
+        let all_lins = || std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins));
+        let z_len = all_lins().map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
+        let mpo_z = if z_len > 0 { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
+        if mode == 0 || z_len > 0 {
             crate::gpu::cublas_workspace(dev)?;
         }
+        // the fused MPO layers' f32 sums and their counter of finished blocks (zero between launches)
+        let acc_len = all_lins().map(|l| if let Lin::MpoFused { c, .. } = l { batch * c.i1 * c.i2 } else { 0 }).max().unwrap_or(0);
+        let mpo_acc = if acc_len > 0 { Some((Tensor::zeros(acc_len, DType::F32, device)?, Tensor::zeros(1, DType::U32, device)?)) } else { None };
+        let any_mpo = z_len > 0 || acc_len > 0;
         let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && !any_mpo && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
         Ok(Some(Decoder {
             dev: dev.clone(),
@@ -547,6 +768,7 @@ impl Decoder {
             mode,
             fused,
             mpo_z,
+            mpo_acc,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
@@ -627,6 +849,26 @@ impl Decoder {
         let mut second = Vec::new();
         for (l, &y) in lins.iter().zip(ys) {
             match l {
+                Lin::MpoFused { c, grid, smem } => {
+                    let (acc, counter) = self.mpo_acc.as_ref().ok_or_else(|| crate::Error::Invalid("decoder: no MPO sums".into()))?;
+                    let args = [
+                        Arg::P(x),
+                        Arg::P(tensor_addr(&c.rk)?),
+                        Arg::P(tensor_addr(&c.lk)?),
+                        Arg::P(tensor_addr(acc)?),
+                        Arg::P(y),
+                        Arg::P(tensor_addr(counter)?),
+                        Arg::I(self.batch as i32),
+                        Arg::I(c.i1 as i32),
+                        Arg::I(c.i2 as i32),
+                        Arg::I(c.j1 as i32),
+                        Arg::I(c.j1p as i32),
+                        Arg::I(c.j2 as i32),
+                        Arg::I(c.j2p as i32),
+                        Arg::I(c.chunks as i32),
+                    ];
+                    self.launch("step_mpo", (*grid, 1), 256, *smem, &args)?;
+                }
                 Lin::Mpo(h) => {
                     let z = self.mpo_z.as_ref().ok_or_else(|| crate::Error::Invalid("decoder: no MPO scratch".into()))?;
                     let (l, r, z) = (tensor_addr(&h.l)?, tensor_addr(&h.r)?, tensor_addr(z)?);
@@ -681,7 +923,7 @@ impl Decoder {
                     second.push(p(*a, t, y, *rows, *rank));
                 }
                 // `Decoder::new` runs a model with MPO layers unfused
-                Lin::Mpo(_) => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),
+                Lin::Mpo(_) | Lin::MpoFused { .. } => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),
             }
         }
         launch_fused(dev, nb, &first, &[], norm, if second.is_empty() { out } else { Out::Store })?;
