@@ -281,36 +281,36 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
 }
 // An MPO layer as its two halves (linear::MpoHalves) in one launch, Z never leaving shared
 // memory; the weights come in linear::MpoChunks' layout (the bond in chunks of MPO_A, padded).
-// The blocks take the chunks in turn; per chunk and input row b:
-//   phase 1: zs[i2][a·J1p + j1] = Σ_j2 R[a][i2][j2] · x_b[j1][j2]  (tensor cores: R from global
-//            memory into registers, x_b from shared memory, Z rounded to bf16 as cuBLAS's Z is);
-//   phase 2: y_b[i1][i2] += Σ_k L[i1][k] · zs[i2][k]  (L from global memory; each warp owns an
-//            m-tile of 16 rows of i1 and every nsplit-th n-tile of 8 columns of i2, its sums kept
-//            in registers over the block's chunks).
-// Thread (g = lane/4, t = lane%4) loads 8 consecutive k of a row (16 bytes) on both operands of
-// mma.m16n8k16: the same permutation of k, so the products are unchanged (as in gemv_tc). The
-// blocks' sums meet in `acc` (f32, b × I1·I2, zero between launches) by atomic adds; the last
-// block to finish rounds them into y (bf16) and zeroes acc and `counter` for the next launch.
-// Grid: any; 256 threads; dynamic shared memory (J1p·XS + I2p·ZS) bf16 (XS, ZS below). Requires
-// I2 % 8 == 0 (I2p == I2), J2 % 8 == 0, J2p ≤ 32·MPO_KB1, I1 ≤ 128, I2 ≤ 8·MPO_NT2.
-#define MPO_A 4
+// A block takes every gridDim-th chunk, for each input row b in turn; per (b, chunk):
+//   phase 1: zs[i2][a·J1p + j1] = Σ_j2 R[a][i2][j2] · xs[j1][j2]  (Z rounded to bf16 as
+//            cuBLAS's Z is);
+//   phase 2: y_b[i1][i2] += Σ_k L[i1][k] · zs[i2][k]  (each warp owns an m-tile of 16 rows of
+//            i1 and every nsplit-th n-tile of 8 columns of i2, its sums in registers over the
+//            block's chunks),
+// both on tensor cores (mma.m16n8k16; thread (g = lane/4, t = lane%4) loads 8 consecutive k of
+// a row on both operands, the same permutation of k, as in gemv_tc). The chunk's slices of R
+// and L are copied into shared memory asynchronously (cp.async) two chunks ahead of use, into
+// two stages, so the next chunk streams in while this one is multiplied; the first two are
+// issued before the wait for x (weights are never written). The blocks' sums meet in `acc`
+// (f32, b × I1·I2, zero between launches) by atomic adds; the last block to finish rounds them
+// into y (bf16) and zeroes acc and `counter` for the next launch. Grid ≤ chunks; 256 threads;
+// dynamic shared memory: see `mpo_fused` in gpu_step.rs. Requires I2 % 8 == 0, J2 % 8 == 0,
+// J2p ≤ 32·MPO_KB1, I1 ≤ 128, I2 ≤ 8·MPO_NT2, J1p % 16 == 0.
+#define MPO_A 2
 #define MPO_KB1 4
+#define MPO_NT2 16
+// timing only (`COMPACTOR_GEMV_DEFINES`; y is then wrong): MPO_SKIP=1 leaves out the atomic
+// adds, 2 the tensor-core phases as well (the weights still stream into shared memory), 3 the
+// copies of the weights too
+#ifndef MPO_SKIP
+#define MPO_SKIP 0
+#endif
 // MPO_MINB: blocks per SM the compiler must fit (a register cap; `COMPACTOR_GEMV_DEFINES`)
 #ifdef MPO_MINB
 #define MPO_LB __launch_bounds__(256, MPO_MINB)
 #else
 #define MPO_LB __launch_bounds__(256)
 #endif
-#define MPO_NT2 16
-__device__ __forceinline__ uint4 mpo_ld(const unsigned short* p) { return __ldg((const uint4*)p); }
-// prefetches n bf16 from p into L1 (or L2 only): one 128-byte line per thread and step
-__device__ __forceinline__ void mpo_prefetch(const unsigned short* p, size_t n, bool l1) {
-    const char* c = (const char*)p;
-    for (size_t o = (size_t)threadIdx.x * 128; o < n * 2; o += (size_t)blockDim.x * 128) {
-        if (l1) asm volatile("prefetch.global.L1 [%0];" ::"l"(c + o));
-        else asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
-    }
-}
 __device__ __forceinline__ void mpo_red2(float* p, float a, float b) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
@@ -322,109 +322,124 @@ __device__ __forceinline__ void mpo_red2(float* p, float a, float b) {
 // a row stride (in bf16) ≡ 32 (mod 64) for a width that is a multiple of 32: the 16-byte loads
 // of 8 threads (2 rows × 4) fall in distinct banks
 __device__ __forceinline__ int mpo_stride(int w) { return (w & 63) ? w : w + 32; }
+// rows × w bf16 (w % 8 == 0, contiguous at src) into shared memory at dst, row stride ld
+__device__ __forceinline__ void mpo_copy(unsigned short* dst, const unsigned short* src, int rows, int w, int ld) {
+    const int w8 = w >> 3, n = rows * w8;
+    for (int u = threadIdx.x; u < n; u += blockDim.x) {
+        const int r = u / w8, c = u - r * w8;
+        const unsigned d = (unsigned)__cvta_generic_to_shared(dst + r * ld + c * 8);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + (size_t)u * 8) : "memory");
+    }
+}
 extern "C" __global__ void MPO_LB step_mpo(const unsigned short* __restrict__ x, const unsigned short* __restrict__ rk,
-                                                           const unsigned short* __restrict__ lk, float* acc, unsigned short* y,
-                                                           unsigned* counter, int batch, int I1, int I2, int J1, int J1p, int J2,
-                                                           int J2p, int chunks) {
+                                           const unsigned short* __restrict__ lk, float* acc, unsigned short* y,
+                                           unsigned* counter, int batch, int I1, int I2, int J1, int J1p, int J2,
+                                           int J2p, int chunks) {
     extern __shared__ uint4 mpo_sm[];
     __shared__ unsigned last;
     const int K = MPO_A * J1p, XS = mpo_stride(J2p), ZS = mpo_stride(K);
-    unsigned short* xs = (unsigned short*)mpo_sm;
-    unsigned short* zs = xs + J1p * XS;
-    // a chunk's slices of R and L; the weights are never written, so the first chunk goes to L1
-    // and the block's next one to L2 before the wait for x
-    const size_t RC = (size_t)MPO_A * I2 * J2p, LC = (size_t)I1 * K;
-    mpo_prefetch(rk + blockIdx.x * RC, RC, true);
-    mpo_prefetch(lk + blockIdx.x * LC, LC, true);
-    if (blockIdx.x + gridDim.x < chunks) {
-        mpo_prefetch(rk + (blockIdx.x + gridDim.x) * RC, RC, false);
-        mpo_prefetch(lk + (blockIdx.x + gridDim.x) * LC, LC, false);
-    }
+    const int RROWS = MPO_A * I2;
+    unsigned short* xs = (unsigned short*)mpo_sm;    // J1p × XS
+    unsigned short* zs = xs + J1p * XS;              // I2 × ZS
+    unsigned short* rs = zs + I2 * ZS;               // 2 stages of RROWS × XS
+    unsigned short* ls = rs + 2 * RROWS * XS;        // 2 stages of I1 × ZS
+    const size_t RC = (size_t)RROWS * J2p, LC = (size_t)I1 * K;
+    // this block's chunks, once per input row: item n is row n / mine, chunk blockIdx.x + (n % mine)·gridDim.x
+    const int mine = (chunks - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x, items = batch * mine;
+    auto fetch = [&](int n) {
+        if (n < items && MPO_SKIP < 3) {
+            const int c = blockIdx.x + (n % mine) * gridDim.x, st = n & 1;
+            mpo_copy(rs + st * RROWS * XS, rk + c * RC, RROWS, J2p, XS);
+            mpo_copy(ls + st * I1 * ZS, lk + c * LC, I1, K, ZS);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    fetch(0);
+    fetch(1);
     pdl_launch_next();
     pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int MT1 = MPO_A * I2 / 16, NT1 = J1p / 8, KB1 = J2p / 32;
+    const int MT1 = RROWS / 16, NT1 = J1p / 8, KB1 = J2p / 32;
     const int MT2 = (I1 + 15) >> 4, NT2 = I2 >> 3, KB2 = K / 32;
     const int nsplit = max(1, 8 / MT2);
     const int m2 = warp / nsplit, ns = warp - m2 * nsplit;
     const bool active2 = m2 < MT2;
     const int i1a = m2 * 16 + g, i1b = i1a + 8;
     const int c8 = J2p >> 3;
-    for (int b = 0; b < batch; b++) {
-        __syncthreads();  // the previous row's last chunk has read xs and zs
-        const unsigned short* xb = x + (size_t)b * J1 * J2;
-        for (int e = threadIdx.x; e < J1p * c8; e += blockDim.x) {
-            const int j1 = e / c8, j = (e - j1 * c8) * 8;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (j1 < J1 && j < J2) v = *(const uint4*)(xb + (size_t)j1 * J2 + j);
-            *(uint4*)(xs + j1 * XS + j) = v;
-        }
-        float ac[MPO_NT2][4];
+    float ac[MPO_NT2][4];
+    for (int n = 0; n < items; n++) {
+        const int b = n / mine, i = n - b * mine, st = n & 1;
+        if (i == 0) {
+            const unsigned short* xb = x + (size_t)b * J1 * J2;
+            for (int e = threadIdx.x; e < J1p * c8; e += blockDim.x) {
+                const int j1 = e / c8, j = (e - j1 * c8) * 8;
+                uint4 v = make_uint4(0, 0, 0, 0);
+                if (j1 < J1 && j < J2) v = *(const uint4*)(xb + (size_t)j1 * J2 + j);
+                *(uint4*)(xs + j1 * XS + j) = v;
+            }
 #pragma unroll
-        for (int j = 0; j < MPO_NT2; j++) ac[j][0] = ac[j][1] = ac[j][2] = ac[j][3] = 0.f;
-        for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
-            // this chunk into L1 (the previous step put it in L2), the block's next one into L2
-            if (b == 0 && c != blockIdx.x) {
-                mpo_prefetch(rk + c * RC, RC, true);
-                mpo_prefetch(lk + c * LC, LC, true);
-                if (c + gridDim.x < chunks) {
-                    mpo_prefetch(rk + (c + gridDim.x) * RC, RC, false);
-                    mpo_prefetch(lk + (c + gridDim.x) * LC, LC, false);
+            for (int j = 0; j < MPO_NT2; j++) ac[j][0] = ac[j][1] = ac[j][2] = ac[j][3] = 0.f;
+        }
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        __syncthreads();  // this item's stage and xs in place; the last item's phase 2 done with zs
+        const unsigned short* rsc = rs + st * RROWS * XS;
+        for (int mt = warp; mt < (MPO_SKIP >= 2 ? 0 : MT1); mt += 8) {
+            const int r0 = mt * 16 + g, r1 = r0 + 8;
+            uint4 pa[MPO_KB1], pb[MPO_KB1];
+#pragma unroll
+            for (int kb = 0; kb < MPO_KB1; kb++) {
+                if (kb < KB1) {
+                    pa[kb] = *(const uint4*)(rsc + r0 * XS + kb * 32 + t * 8);
+                    pb[kb] = *(const uint4*)(rsc + r1 * XS + kb * 32 + t * 8);
                 }
             }
-            __syncthreads();  // xs written; the previous chunk's phase 2 has read zs
-            const unsigned short* rc = rk + c * RC;
-            for (int mt = warp; mt < MT1; mt += 8) {
-                const int r0 = mt * 16 + g, r1 = r0 + 8;
-                uint4 pa[MPO_KB1], pb[MPO_KB1];
+            const int a0 = r0 / I2, a1 = r1 / I2;
+            unsigned short* za = zs + (r0 - a0 * I2) * ZS + a0 * J1p + 2 * t;
+            unsigned short* zb = zs + (r1 - a1 * I2) * ZS + a1 * J1p + 2 * t;
+            for (int nt = 0; nt < NT1; nt += 2) {
+                float cz[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
                 for (int kb = 0; kb < MPO_KB1; kb++) {
                     if (kb < KB1) {
-                        pa[kb] = mpo_ld(rc + (size_t)r0 * J2p + kb * 32 + t * 8);
-                        pb[kb] = mpo_ld(rc + (size_t)r1 * J2p + kb * 32 + t * 8);
-                    }
-                }
-                const int a0 = r0 / I2, a1 = r1 / I2;
-                unsigned short* za = zs + (r0 - a0 * I2) * ZS + a0 * J1p + 2 * t;
-                unsigned short* zb = zs + (r1 - a1 * I2) * ZS + a1 * J1p + 2 * t;
-                for (int nt = 0; nt < NT1; nt++) {
-                    float cz[4] = {0.f, 0.f, 0.f, 0.f};
-                    const unsigned short* xr = xs + (nt * 8 + g) * XS + t * 8;
 #pragma unroll
-                    for (int kb = 0; kb < MPO_KB1; kb++) {
-                        if (kb < KB1) {
-                            const uint4 q = *(const uint4*)(xr + kb * 32);
-                            mma16816(cz, pa[kb].x, pb[kb].x, pa[kb].y, pb[kb].y, q.x, q.y);
-                            mma16816(cz, pa[kb].z, pb[kb].z, pa[kb].w, pb[kb].w, q.z, q.w);
+                        for (int h = 0; h < 2; h++) {
+                            const uint4 q = *(const uint4*)(xs + ((nt + h) * 8 + g) * XS + kb * 32 + t * 8);
+                            mma16816(cz[h], pa[kb].x, pb[kb].x, pa[kb].y, pb[kb].y, q.x, q.y);
+                            mma16816(cz[h], pa[kb].z, pb[kb].z, pa[kb].w, pb[kb].w, q.z, q.w);
                         }
                     }
-                    *(unsigned*)(za + nt * 8) = to_bf16(cz[0]) | ((unsigned)to_bf16(cz[1]) << 16);
-                    *(unsigned*)(zb + nt * 8) = to_bf16(cz[2]) | ((unsigned)to_bf16(cz[3]) << 16);
+                }
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    *(unsigned*)(za + (nt + h) * 8) = to_bf16(cz[h][0]) | ((unsigned)to_bf16(cz[h][1]) << 16);
+                    *(unsigned*)(zb + (nt + h) * 8) = to_bf16(cz[h][2]) | ((unsigned)to_bf16(cz[h][3]) << 16);
                 }
             }
-            __syncthreads();
-            if (active2) {
-                const unsigned short* lc = lk + c * LC + t * 8;
-                const unsigned short* la = lc + (size_t)min(i1a, I1 - 1) * K;
-                const unsigned short* lb = lc + (size_t)min(i1b, I1 - 1) * K;
-                const unsigned short* zr = zs + (ns * 8 + g) * ZS + t * 8;
+        }
+        __syncthreads();
+        if (active2 && MPO_SKIP < 2) {
+            const unsigned short* lsc = ls + st * I1 * ZS + t * 8;
+            const unsigned short* la = lsc + min(i1a, I1 - 1) * ZS;
+            const unsigned short* lb = lsc + min(i1b, I1 - 1) * ZS;
+            const unsigned short* zr = zs + (ns * 8 + g) * ZS + t * 8;
 #pragma unroll 2
-                for (int kb = 0; kb < KB2; kb++) {
-                    uint4 p = make_uint4(0, 0, 0, 0), q = p;
-                    if (i1a < I1) p = mpo_ld(la + kb * 32);
-                    if (i1b < I1) q = mpo_ld(lb + kb * 32);
+            for (int kb = 0; kb < KB2; kb++) {
+                uint4 p = make_uint4(0, 0, 0, 0), q = p;
+                if (i1a < I1) p = *(const uint4*)(la + kb * 32);
+                if (i1b < I1) q = *(const uint4*)(lb + kb * 32);
 #pragma unroll
-                    for (int j = 0; j < MPO_NT2; j++) {
-                        if (ns + j * nsplit < NT2) {
-                            const uint4 z = *(const uint4*)(zr + j * nsplit * 8 * ZS + kb * 32);
-                            mma16816(ac[j], p.x, q.x, p.y, q.y, z.x, z.y);
-                            mma16816(ac[j], p.z, q.z, p.w, q.w, z.z, z.w);
-                        }
+                for (int j = 0; j < MPO_NT2; j++) {
+                    if (ns + j * nsplit < NT2) {
+                        const uint4 z = *(const uint4*)(zr + j * nsplit * 8 * ZS + kb * 32);
+                        mma16816(ac[j], p.x, q.x, p.y, q.y, z.x, z.y);
+                        mma16816(ac[j], p.z, q.z, p.w, q.w, z.z, z.w);
                     }
                 }
             }
         }
-        if (active2) {
+        __syncthreads();  // stage st and zs read
+        fetch(n + 2);
+        if (i == mine - 1 && active2 && MPO_SKIP == 0) {
             float* ab = acc + (size_t)b * I1 * I2;
 #pragma unroll
             for (int j = 0; j < MPO_NT2; j++) {
@@ -436,6 +451,7 @@ extern "C" __global__ void MPO_LB step_mpo(const unsigned short* __restrict__ x,
             }
         }
     }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
     // the last block to finish has every sum: round into y, zero acc and the counter
     __threadfence();
     __syncthreads();
@@ -496,16 +512,21 @@ fn mpo_fused(dev: &candle_core::cuda::CudaDevice, halves: &MpoHalves) -> crate::
     if !usable(&[&c.rk, &c.lk], 8)? {
         return Ok(None);
     }
-    // the row strides of mpo_stride in STEP_SRC
+    // step_mpo's shared memory: x (J₁′ × XS), Z (I₂ × ZS), two stages of R (A·I₂ × XS) and of
+    // L (I₁ × ZS), bf16, with the row strides of mpo_stride in STEP_SRC
     let stride = |w: usize| if w % 64 == 0 { w + 32 } else { w };
-    let smem = 2 * (c.j1p * stride(c.j2p) + c.i2p * stride(crate::linear::MPO_CHUNK * c.j1p));
+    let (xs, zs) = (stride(c.j2p), stride(crate::linear::MPO_CHUNK * c.j1p));
+    let smem = 2 * (c.j1p * xs + c.i2p * zs + 2 * crate::linear::MPO_CHUNK * c.i2p * xs + 2 * c.i1 * zs);
     let ctx = dev.cuda_stream().context().clone();
+    let f = kernel(dev, "step_mpo")?;
+    // what a block may take (opt-in), less the kernel's static shared memory
     let optin = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(ce("device attribute"))? as usize;
-    if smem > optin {
+    let fixed = f.get_attribute(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).map_err(ce("kernel attribute"))? as usize;
+    let most = optin.saturating_sub(fixed);
+    if smem > most {
         return Ok(None);
     }
-    let f = kernel(dev, "step_mpo")?;
-    f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin as i32).map_err(ce("kernel attribute"))?;
+    f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, most as i32).map_err(ce("kernel attribute"))?;
     let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(ce("occupancy"))?.max(1) as usize;
     let per_sm = std::env::var("COMPACTOR_MPO_OCC").ok().and_then(|v| v.parse::<usize>().ok()).map_or(per_sm, |cap| per_sm.min(cap.max(1)));
     let sms = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("device attribute"))? as usize;

@@ -291,12 +291,12 @@ impl MpoHalves {
 }
 
 /// Bond indices per chunk of [`MpoChunks`].
-pub(crate) const MPO_CHUNK: usize = 4;
+pub(crate) const MPO_CHUNK: usize = 2;
 
 /// An MPO layer's halves laid out for the fused decode kernel (`step_mpo` in `gpu_step`): the
 /// bond in chunks of [`MPO_CHUNK`], each chunk's slices of R and L contiguous, zero-padded so
 /// that every tile of the kernel's tensor-core products is whole (the bond to a multiple of the
-/// chunk, |I₂| to 8, |J₁| to 8, |J₂| to 32; the zeros add nothing to y). With k = a·|J₁′| + j₁
+/// chunk, |I₂| to 8, |J₁| to 16, |J₂| to 32; the zeros add nothing to y). With k = a·|J₁′| + j₁
 /// within chunk c: y[i₁, i₂] = Σ_c Σ_k lk[c, i₁, k] · Z_c[k, i₂], Z_c[(a, j₁), i₂] =
 /// Σ_j₂ rk[c, a, i₂, j₂] · x[j₁, j₂].
 #[derive(Debug, Clone)]
@@ -322,7 +322,7 @@ impl MpoHalves {
     pub(crate) fn chunked(&self) -> Result<MpoChunks> {
         let a = MPO_CHUNK;
         let up = |v: usize, m: usize| v.div_ceil(m) * m;
-        let (chip, i2p, j1p, j2p) = (up(self.chi, a), up(self.i2, 8), up(self.j1, 8), up(self.j2, 32));
+        let (chip, i2p, j1p, j2p) = (up(self.chi, a), up(self.i2, 8), up(self.j1, 16), up(self.j2, 32));
         let rk = self.r.reshape((self.chi, self.i2, self.j2))?;
         let rk = rk.pad_with_zeros(0, 0, chip - self.chi)?.pad_with_zeros(1, 0, i2p - self.i2)?.pad_with_zeros(2, 0, j2p - self.j2)?.contiguous()?;
         let lk = self.l.reshape((self.i1, self.j1, self.chi))?.pad_with_zeros(1, 0, j1p - self.j1)?.pad_with_zeros(2, 0, chip - self.chi)?;
@@ -576,7 +576,7 @@ mod tests {
             assert!(h.params() <= core_values, "{} > {core_values}", h.params());
             // the fused kernel's layout, contracted chunk by chunk as the kernel does
             let c = h.chunked().unwrap();
-            assert_eq!((c.chunks * MPO_CHUNK, c.i2p % 8, c.j1p % 8, c.j2p % 32), (h.chi.div_ceil(MPO_CHUNK) * MPO_CHUNK, 0, 0, 0));
+            assert_eq!((c.chunks * MPO_CHUNK, c.i2p % 8, c.j1p % 16, c.j2p % 32), (h.chi.div_ceil(MPO_CHUNK) * MPO_CHUNK, 0, 0, 0));
             let xp = x.reshape((3, h.j1, h.j2)).unwrap().pad_with_zeros(1, 0, c.j1p - h.j1).unwrap().pad_with_zeros(2, 0, c.j2p - h.j2).unwrap();
             let k = MPO_CHUNK * c.j1p;
             let mut y = Tensor::zeros((3, h.i1, c.i2p), DType::F32, &Device::Cpu).unwrap();
