@@ -5,7 +5,7 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
 #   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
-#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_parts (what its parts cost), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
@@ -166,34 +166,6 @@ done; done
 step "MPO decode: synthetic Granite-8B, tt plan at 0.5"
 compress_once /tmp/g8b-tt --method tt --ratio 0.5
 timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch ${TT_BATCH:-1,16} --paths ops,graph 2>&1 | grep -vE "^loaded"
-}
-# mpo_fused: the fused MPO kernel (step_mpo, one launch per layer) against the two cuBLAS GEMMs
-# (COMPACTOR_MPO_FUSED=0): granite-tiny's tt plan (agreement with candle ops, greedy tokens) and
-# the synthetic Granite-8B's tt plan at 0.5 with the dense model in the same process
-mpo_fused() {
-step "fused MPO kernel: granite-tiny tt 0.5, step graph vs candle ops (agreement, speed)"
-[ -d /tmp/gt-tt-cuda ] || timeout 100 $B compress $G --method tt --ratio 0.5 --device cuda --out /tmp/gt-tt-cuda > /dev/null
-timeout 120 $B bench decode $G /tmp/gt-tt-cuda --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 2 --batch 1,4,16 --paths ops,graph 2>&1 | grep -vE "^loaded"
-for f in 16 0; do
-  COMPACTOR_MPO_FUSED=$f timeout 60 $B generate /tmp/gt-tt-cuda --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|fused<=$f gt-tt: |"
-done
-step "fused MPO kernel: synthetic Granite-8B, tt plan at 0.5"
-compress_once /tmp/g8b-tt --method tt --ratio 0.5
-timeout 200 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths ops,graph 2>&1 | grep -vE "^loaded"
-timeout 200 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 16 --paths graph 2>&1 | grep -vE "^loaded"
-for e in ${MPO_ENVS:-COMPACTOR_MPO_FUSED=0}; do
-  step "g8b tt, step graph, under $e"
-  env ${e//\// } timeout 150 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch ${TT_BATCH:-1,16} --paths graph 2>&1 | grep -vE "^loaded"
-done
-}
-# mpo_parts: what the fused MPO kernel's parts cost on the synthetic Granite-8B's tt plan (timing
-# only: COMPACTOR_GEMV_DEFINES=MPO_SKIP=1 leaves out the atomic adds, 2 the tensor-core phases too, 3 the weights' copies too)
-mpo_parts() {
-compress_once /tmp/g8b-tt --method tt --ratio 0.5
-for e in - MPO_SKIP=1 MPO_SKIP=2 MPO_SKIP=3; do
-  step "g8b tt, fused MPO kernel, defines $e"
-  COMPACTOR_GEMV_DEFINES=${e#-} timeout 150 $B bench decode /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths graph 2>&1 | grep -E "g8b-tt|agree|error"
-done
 }
 # aware: the decode-aware plan at half the parameters (scripts/plans/granite-8b-decode-50.json)
 aware() {

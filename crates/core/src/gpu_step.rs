@@ -24,7 +24,7 @@
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
 use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
-use crate::linear::{Linear, MpoChunks, MpoHalves};
+use crate::linear::{Linear, MpoHalves};
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -279,194 +279,6 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
     pdl_launch_next(); pdl_wait();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = bf(l[i]) * mul;
 }
-// An MPO layer as its two halves (linear::MpoHalves) in one launch, Z never leaving shared
-// memory; the weights come in linear::MpoChunks' layout (the bond in chunks of MPO_A, padded).
-// A block takes every gridDim-th chunk, for each input row b in turn; per (b, chunk):
-//   phase 1: zs[i2][a·J1p + j1] = Σ_j2 R[a][i2][j2] · xs[j1][j2]  (Z rounded to bf16 as
-//            cuBLAS's Z is);
-//   phase 2: y_b[i1][i2] += Σ_k L[i1][k] · zs[i2][k]  (each warp owns an m-tile of 16 rows of
-//            i1 and every nsplit-th n-tile of 8 columns of i2, its sums in registers over the
-//            block's chunks),
-// both on tensor cores (mma.m16n8k16; thread (g = lane/4, t = lane%4) loads 8 consecutive k of
-// a row on both operands, the same permutation of k, as in gemv_tc). The chunk's slices of R
-// and L are copied into shared memory asynchronously (cp.async) two chunks ahead of use, into
-// two stages, so the next chunk streams in while this one is multiplied; the first two are
-// issued before the wait for x (weights are never written). The blocks' sums meet in `acc`
-// (f32, b × I1·I2, zero between launches) by atomic adds; the last block to finish rounds them
-// into y (bf16) and zeroes acc and `counter` for the next launch. Grid ≤ chunks; 256 threads;
-// dynamic shared memory: see `mpo_fused` in gpu_step.rs. Requires I2 % 8 == 0, J2 % 8 == 0,
-// J2p ≤ 32·MPO_KB1, I1 ≤ 128, I2 ≤ 8·MPO_NT2, J1p % 16 == 0.
-#define MPO_A 2
-#define MPO_KB1 4
-#define MPO_NT2 16
-// timing only (`COMPACTOR_GEMV_DEFINES`; y is then wrong): MPO_SKIP=1 leaves out the atomic
-// adds, 2 the tensor-core phases as well (the weights still stream into shared memory), 3 the
-// copies of the weights too
-#ifndef MPO_SKIP
-#define MPO_SKIP 0
-#endif
-// MPO_MINB: blocks per SM the compiler must fit (a register cap; `COMPACTOR_GEMV_DEFINES`)
-#ifdef MPO_MINB
-#define MPO_LB __launch_bounds__(256, MPO_MINB)
-#else
-#define MPO_LB __launch_bounds__(256)
-#endif
-__device__ __forceinline__ void mpo_red2(float* p, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
-#else
-    atomicAdd(p, a);
-    atomicAdd(p + 1, b);
-#endif
-}
-// a row stride (in bf16) ≡ 32 (mod 64) for a width that is a multiple of 32: the 16-byte loads
-// of 8 threads (2 rows × 4) fall in distinct banks
-__device__ __forceinline__ int mpo_stride(int w) { return (w & 63) ? w : w + 32; }
-// rows × w bf16 (w % 8 == 0, contiguous at src) into shared memory at dst, row stride ld
-__device__ __forceinline__ void mpo_copy(unsigned short* dst, const unsigned short* src, int rows, int w, int ld) {
-    const int w8 = w >> 3, n = rows * w8;
-    for (int u = threadIdx.x; u < n; u += blockDim.x) {
-        const int r = u / w8, c = u - r * w8;
-        const unsigned d = (unsigned)__cvta_generic_to_shared(dst + r * ld + c * 8);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + (size_t)u * 8) : "memory");
-    }
-}
-extern "C" __global__ void MPO_LB step_mpo(const unsigned short* __restrict__ x, const unsigned short* __restrict__ rk,
-                                           const unsigned short* __restrict__ lk, float* acc, unsigned short* y,
-                                           unsigned* counter, int batch, int I1, int I2, int J1, int J1p, int J2,
-                                           int J2p, int chunks) {
-    extern __shared__ uint4 mpo_sm[];
-    __shared__ unsigned last;
-    const int K = MPO_A * J1p, XS = mpo_stride(J2p), ZS = mpo_stride(K);
-    const int RROWS = MPO_A * I2;
-    unsigned short* xs = (unsigned short*)mpo_sm;    // J1p × XS
-    unsigned short* zs = xs + J1p * XS;              // I2 × ZS
-    unsigned short* rs = zs + I2 * ZS;               // 2 stages of RROWS × XS
-    unsigned short* ls = rs + 2 * RROWS * XS;        // 2 stages of I1 × ZS
-    const size_t RC = (size_t)RROWS * J2p, LC = (size_t)I1 * K;
-    // this block's chunks, once per input row: item n is row n / mine, chunk blockIdx.x + (n % mine)·gridDim.x
-    const int mine = (chunks - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x, items = batch * mine;
-    auto fetch = [&](int n) {
-        if (n < items && MPO_SKIP < 3) {
-            const int c = blockIdx.x + (n % mine) * gridDim.x, st = n & 1;
-            mpo_copy(rs + st * RROWS * XS, rk + c * RC, RROWS, J2p, XS);
-            mpo_copy(ls + st * I1 * ZS, lk + c * LC, I1, K, ZS);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-    fetch(0);
-    fetch(1);
-    pdl_launch_next();
-    pdl_wait();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int MT1 = RROWS / 16, NT1 = J1p / 8, KB1 = J2p / 32;
-    const int MT2 = (I1 + 15) >> 4, NT2 = I2 >> 3, KB2 = K / 32;
-    const int nsplit = max(1, 8 / MT2);
-    const int m2 = warp / nsplit, ns = warp - m2 * nsplit;
-    const bool active2 = m2 < MT2;
-    const int i1a = m2 * 16 + g, i1b = i1a + 8;
-    const int c8 = J2p >> 3;
-    float ac[MPO_NT2][4];
-    for (int n = 0; n < items; n++) {
-        const int b = n / mine, i = n - b * mine, st = n & 1;
-        if (i == 0) {
-            const unsigned short* xb = x + (size_t)b * J1 * J2;
-            for (int e = threadIdx.x; e < J1p * c8; e += blockDim.x) {
-                const int j1 = e / c8, j = (e - j1 * c8) * 8;
-                uint4 v = make_uint4(0, 0, 0, 0);
-                if (j1 < J1 && j < J2) v = *(const uint4*)(xb + (size_t)j1 * J2 + j);
-                *(uint4*)(xs + j1 * XS + j) = v;
-            }
-#pragma unroll
-            for (int j = 0; j < MPO_NT2; j++) ac[j][0] = ac[j][1] = ac[j][2] = ac[j][3] = 0.f;
-        }
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
-        __syncthreads();  // this item's stage and xs in place; the last item's phase 2 done with zs
-        const unsigned short* rsc = rs + st * RROWS * XS;
-        for (int mt = warp; mt < (MPO_SKIP >= 2 ? 0 : MT1); mt += 8) {
-            const int r0 = mt * 16 + g, r1 = r0 + 8;
-            uint4 pa[MPO_KB1], pb[MPO_KB1];
-#pragma unroll
-            for (int kb = 0; kb < MPO_KB1; kb++) {
-                if (kb < KB1) {
-                    pa[kb] = *(const uint4*)(rsc + r0 * XS + kb * 32 + t * 8);
-                    pb[kb] = *(const uint4*)(rsc + r1 * XS + kb * 32 + t * 8);
-                }
-            }
-            const int a0 = r0 / I2, a1 = r1 / I2;
-            unsigned short* za = zs + (r0 - a0 * I2) * ZS + a0 * J1p + 2 * t;
-            unsigned short* zb = zs + (r1 - a1 * I2) * ZS + a1 * J1p + 2 * t;
-            for (int nt = 0; nt < NT1; nt += 2) {
-                float cz[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-                for (int kb = 0; kb < MPO_KB1; kb++) {
-                    if (kb < KB1) {
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const uint4 q = *(const uint4*)(xs + ((nt + h) * 8 + g) * XS + kb * 32 + t * 8);
-                            mma16816(cz[h], pa[kb].x, pb[kb].x, pa[kb].y, pb[kb].y, q.x, q.y);
-                            mma16816(cz[h], pa[kb].z, pb[kb].z, pa[kb].w, pb[kb].w, q.z, q.w);
-                        }
-                    }
-                }
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    *(unsigned*)(za + (nt + h) * 8) = to_bf16(cz[h][0]) | ((unsigned)to_bf16(cz[h][1]) << 16);
-                    *(unsigned*)(zb + (nt + h) * 8) = to_bf16(cz[h][2]) | ((unsigned)to_bf16(cz[h][3]) << 16);
-                }
-            }
-        }
-        __syncthreads();
-        if (active2 && MPO_SKIP < 2) {
-            const unsigned short* lsc = ls + st * I1 * ZS + t * 8;
-            const unsigned short* la = lsc + min(i1a, I1 - 1) * ZS;
-            const unsigned short* lb = lsc + min(i1b, I1 - 1) * ZS;
-            const unsigned short* zr = zs + (ns * 8 + g) * ZS + t * 8;
-#pragma unroll 2
-            for (int kb = 0; kb < KB2; kb++) {
-                uint4 p = make_uint4(0, 0, 0, 0), q = p;
-                if (i1a < I1) p = *(const uint4*)(la + kb * 32);
-                if (i1b < I1) q = *(const uint4*)(lb + kb * 32);
-#pragma unroll
-                for (int j = 0; j < MPO_NT2; j++) {
-                    if (ns + j * nsplit < NT2) {
-                        const uint4 z = *(const uint4*)(zr + j * nsplit * 8 * ZS + kb * 32);
-                        mma16816(ac[j], p.x, q.x, p.y, q.y, z.x, z.y);
-                        mma16816(ac[j], p.z, q.z, p.w, q.w, z.z, z.w);
-                    }
-                }
-            }
-        }
-        __syncthreads();  // stage st and zs read
-        fetch(n + 2);
-        if (i == mine - 1 && active2 && MPO_SKIP == 0) {
-            float* ab = acc + (size_t)b * I1 * I2;
-#pragma unroll
-            for (int j = 0; j < MPO_NT2; j++) {
-                const int i2 = (ns + j * nsplit) * 8 + 2 * t;
-                if (i2 < I2) {
-                    if (i1a < I1) mpo_red2(ab + (size_t)i1a * I2 + i2, ac[j][0], ac[j][1]);
-                    if (i1b < I1) mpo_red2(ab + (size_t)i1b * I2 + i2, ac[j][2], ac[j][3]);
-                }
-            }
-        }
-    }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    // the last block to finish has every sum: round into y, zero acc and the counter
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const int n4 = batch * I1 * I2 / 4;
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = __ldcg((const float4*)acc + i);
-        ((uint2*)y)[i] = make_uint2(to_bf16(v.x) | ((unsigned)to_bf16(v.y) << 16), to_bf16(v.z) | ((unsigned)to_bf16(v.w) << 16));
-        __stcg((float4*)acc + i, make_float4(0.f, 0.f, 0.f, 0.f));
-    }
-    if (threadIdx.x == 0) *counter = 0;
-}
 "#;
 
 /// Longest sequence a decoder holds (the attention kernel keeps a row of scores in shared memory).
@@ -489,49 +301,6 @@ enum Lin {
     /// an MPO layer as its two halves (`linear::MpoHalves`): Z = X Rᵀ into the decoder's
     /// `mpo_z`, then y = L Z, both cuBLAS GEMMs
     Mpo(MpoHalves),
-    /// an MPO layer as its halves in one launch of `step_mpo` (layout `linear::MpoChunks`), on
-    /// `grid` blocks with `smem` bytes of dynamic shared memory each
-    MpoFused { c: MpoChunks, grid: u32, smem: u32 },
-}
-
-/// Largest batch the fused MPO kernel runs (`COMPACTOR_MPO_FUSED`, default 16; 0: never, the
-/// two cuBLAS GEMMs of [`Lin::Mpo`] instead).
-fn mpo_fused_max_batch() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| std::env::var("COMPACTOR_MPO_FUSED").ok().and_then(|v| v.parse().ok()).unwrap_or(16))
-}
-
-/// `halves` in the fused kernel's form where its tiles fit (see `step_mpo`), else `None`.
-fn mpo_fused(dev: &candle_core::cuda::CudaDevice, halves: &MpoHalves) -> crate::Result<Option<Lin>> {
-    use cudarc::driver::sys::{CUdevice_attribute as A, CUfunction_attribute as F};
-    let (i1, i2, j2) = (halves.i1, halves.i2, halves.j2);
-    if i2 % 8 != 0 || j2 % 8 != 0 || j2.div_ceil(32) > 4 || i1 > 128 || i2 > 128 {
-        return Ok(None);
-    }
-    let c = halves.chunked()?;
-    if !usable(&[&c.rk, &c.lk], 8)? {
-        return Ok(None);
-    }
-    // step_mpo's shared memory: x (J₁′ × XS), Z (I₂ × ZS), two stages of R (A·I₂ × XS) and of
-    // L (I₁ × ZS), bf16, with the row strides of mpo_stride in STEP_SRC
-    let stride = |w: usize| if w % 64 == 0 { w + 32 } else { w };
-    let (xs, zs) = (stride(c.j2p), stride(crate::linear::MPO_CHUNK * c.j1p));
-    let smem = 2 * (c.j1p * xs + c.i2p * zs + 2 * crate::linear::MPO_CHUNK * c.i2p * xs + 2 * c.i1 * zs);
-    let ctx = dev.cuda_stream().context().clone();
-    let f = kernel(dev, "step_mpo")?;
-    // what a block may take (opt-in), less the kernel's static shared memory
-    let optin = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(ce("device attribute"))? as usize;
-    let fixed = f.get_attribute(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).map_err(ce("kernel attribute"))? as usize;
-    let most = optin.saturating_sub(fixed);
-    if smem > most {
-        return Ok(None);
-    }
-    f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, most as i32).map_err(ce("kernel attribute"))?;
-    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(ce("occupancy"))?.max(1) as usize;
-    let per_sm = std::env::var("COMPACTOR_MPO_OCC").ok().and_then(|v| v.parse::<usize>().ok()).map_or(per_sm, |cap| per_sm.min(cap.max(1)));
-    let sms = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("device attribute"))? as usize;
-    let grid = c.chunks.min(sms * per_sm) as u32;
-    Ok(Some(Lin::MpoFused { c, grid, smem: smem as u32 }))
 }
 
 struct Layer {
@@ -577,8 +346,6 @@ pub struct Decoder {
     fused: bool,
     /// bf16 scratch for the MPO layers' intermediate Z (`None` without MPO layers)
     mpo_z: Option<Tensor>,
-    /// f32 sums and u32 counter of the fused MPO layers (`None` without them)
-    mpo_acc: Option<(Tensor, Tensor)>,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -597,7 +364,7 @@ fn usable(ts: &[&Tensor], cols: usize) -> crate::Result<bool> {
     Ok(cols % 8 == 0)
 }
 
-fn lin(dev: &candle_core::cuda::CudaDevice, l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
+fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
     if l.bias().is_some() {
         return Ok(None);
     }
@@ -623,11 +390,6 @@ fn lin(dev: &candle_core::cuda::CudaDevice, l: &Linear, batch: usize) -> crate::
             let Some(halves) = MpoHalves::new(cores)? else { return Ok(None) };
             if !usable(&[&halves.l, &halves.r], 8)? {
                 return Ok(None);
-            }
-            if batch <= mpo_fused_max_batch() {
-                if let Some(f) = mpo_fused(dev, &halves)? {
-                    return Ok(Some(f));
-                }
             }
             Some(Lin::Mpo(halves))
         }
@@ -728,7 +490,7 @@ impl Decoder {
         for (l, block) in model.blocks.iter().enumerate() {
             let mut lins = Vec::with_capacity(7);
             for role in Role::ALL {
-                match lin(dev, block.linear(role), batch)? {
+                match lin(block.linear(role), batch)? {
                     Some(x) => lins.push(x),
                     None => return Ok(None),
                 }
@@ -744,7 +506,7 @@ impl Decoder {
             }
             layers.push(Layer { lins, kc, vc });
         }
-        let Some(lm_head) = lin(dev, &model.lm_head, batch)? else { return Ok(None) };
+        let Some(lm_head) = lin(&model.lm_head, batch)? else { return Ok(None) };
         let vocab = cfg.vocab_size;
         let z = |n: usize| Tensor::zeros((batch, n), DType::BF16, device);
         let inv: Vec<f32> = (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
@@ -767,16 +529,12 @@ impl Decoder {
         };
         let mode = gemv_mode(batch);
         // one scratch for every MPO layer's Z (they run one after another on the stream)
-        let all_lins = || std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins));
-        let z_len = all_lins().map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
-        let mpo_z = if z_len > 0 { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
-        if mode == 0 || z_len > 0 {
+        let z_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
+        let any_mpo = z_len > 0;
+        let mpo_z = if any_mpo { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
+        if mode == 0 || any_mpo {
             crate::gpu::cublas_workspace(dev)?;
         }
-        // the fused MPO layers' f32 sums and their counter of finished blocks (zero between launches)
-        let acc_len = all_lins().map(|l| if let Lin::MpoFused { c, .. } = l { batch * c.i1 * c.i2 } else { 0 }).max().unwrap_or(0);
-        let mpo_acc = if acc_len > 0 { Some((Tensor::zeros(acc_len, DType::F32, device)?, Tensor::zeros(1, DType::U32, device)?)) } else { None };
-        let any_mpo = z_len > 0 || acc_len > 0;
         let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && !any_mpo && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
         Ok(Some(Decoder {
             dev: dev.clone(),
@@ -789,7 +547,6 @@ impl Decoder {
             mode,
             fused,
             mpo_z,
-            mpo_acc,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
@@ -870,26 +627,6 @@ impl Decoder {
         let mut second = Vec::new();
         for (l, &y) in lins.iter().zip(ys) {
             match l {
-                Lin::MpoFused { c, grid, smem } => {
-                    let (acc, counter) = self.mpo_acc.as_ref().ok_or_else(|| crate::Error::Invalid("decoder: no MPO sums".into()))?;
-                    let args = [
-                        Arg::P(x),
-                        Arg::P(tensor_addr(&c.rk)?),
-                        Arg::P(tensor_addr(&c.lk)?),
-                        Arg::P(tensor_addr(acc)?),
-                        Arg::P(y),
-                        Arg::P(tensor_addr(counter)?),
-                        Arg::I(self.batch as i32),
-                        Arg::I(c.i1 as i32),
-                        Arg::I(c.i2 as i32),
-                        Arg::I(c.j1 as i32),
-                        Arg::I(c.j1p as i32),
-                        Arg::I(c.j2 as i32),
-                        Arg::I(c.j2p as i32),
-                        Arg::I(c.chunks as i32),
-                    ];
-                    self.launch("step_mpo", (*grid, 1), 256, *smem, &args)?;
-                }
                 Lin::Mpo(h) => {
                     let z = self.mpo_z.as_ref().ok_or_else(|| crate::Error::Invalid("decoder: no MPO scratch".into()))?;
                     let (l, r, z) = (tensor_addr(&h.l)?, tensor_addr(&h.r)?, tensor_addr(z)?);
@@ -944,7 +681,7 @@ impl Decoder {
                     second.push(p(*a, t, y, *rows, *rank));
                 }
                 // `Decoder::new` runs a model with MPO layers unfused
-                Lin::Mpo(_) | Lin::MpoFused { .. } => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),
+                Lin::Mpo(_) => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),
             }
         }
         launch_fused(dev, nb, &first, &[], norm, if second.is_empty() { out } else { Out::Store })?;

@@ -290,47 +290,6 @@ impl MpoHalves {
     }
 }
 
-/// Bond indices per chunk of [`MpoChunks`].
-pub(crate) const MPO_CHUNK: usize = 2;
-
-/// An MPO layer's halves laid out for the fused decode kernel (`step_mpo` in `gpu_step`): the
-/// bond in chunks of [`MPO_CHUNK`], each chunk's slices of R and L contiguous, zero-padded so
-/// that every tile of the kernel's tensor-core products is whole (the bond to a multiple of the
-/// chunk, |I₂| to 8, |J₁| to 16, |J₂| to 32; the zeros add nothing to y). With k = a·|J₁′| + j₁
-/// within chunk c: y[i₁, i₂] = Σ_c Σ_k lk[c, i₁, k] · Z_c[k, i₂], Z_c[(a, j₁), i₂] =
-/// Σ_j₂ rk[c, a, i₂, j₂] · x[j₁, j₂].
-#[derive(Debug, Clone)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) struct MpoChunks {
-    /// [chunk][a][|I₂′|][|J₂′|]
-    pub rk: Tensor,
-    /// [chunk][|I₁|][a][|J₁′|]
-    pub lk: Tensor,
-    pub i1: usize,
-    pub i2: usize,
-    pub i2p: usize,
-    pub j1: usize,
-    pub j1p: usize,
-    pub j2: usize,
-    pub j2p: usize,
-    pub chunks: usize,
-}
-
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-impl MpoHalves {
-    /// The halves in the fused kernel's layout ([`MpoChunks`]).
-    pub(crate) fn chunked(&self) -> Result<MpoChunks> {
-        let a = MPO_CHUNK;
-        let up = |v: usize, m: usize| v.div_ceil(m) * m;
-        let (chip, i2p, j1p, j2p) = (up(self.chi, a), up(self.i2, 8), up(self.j1, 16), up(self.j2, 32));
-        let rk = self.r.reshape((self.chi, self.i2, self.j2))?;
-        let rk = rk.pad_with_zeros(0, 0, chip - self.chi)?.pad_with_zeros(1, 0, i2p - self.i2)?.pad_with_zeros(2, 0, j2p - self.j2)?.contiguous()?;
-        let lk = self.l.reshape((self.i1, self.j1, self.chi))?.pad_with_zeros(1, 0, j1p - self.j1)?.pad_with_zeros(2, 0, chip - self.chi)?;
-        let lk = lk.reshape((self.i1, j1p, chip / a, a))?.permute((2, 0, 3, 1))?.contiguous()?;
-        Ok(MpoChunks { rk, lk, i1: self.i1, i2: self.i2, i2p, j1: self.j1, j1p, j2: self.j2, j2p, chunks: chip / a })
-    }
-}
-
 /// An MPO layer's halves (`MpoHalves`), made once, at its first decode step on the CPU (a few
 /// rows of input), where a cut pays (see `MpoHalves::new`). Per row they take
 /// χ·(|I₁||J₁||I₂| + |I₂||J₂||J₁|) multiply-adds: 0.54 G against 4.3 G site by site for a
@@ -574,25 +533,6 @@ mod tests {
             assert!(max_rel(&got, &want) < 1e-5, "{rows:?}: {}", max_rel(&got, &want));
             assert!(max_rel(&got, &dense) < 1e-5);
             assert!(h.params() <= core_values, "{} > {core_values}", h.params());
-            // the fused kernel's layout, contracted chunk by chunk as the kernel does
-            let c = h.chunked().unwrap();
-            assert_eq!((c.chunks * MPO_CHUNK, c.i2p % 8, c.j1p % 16, c.j2p % 32), (h.chi.div_ceil(MPO_CHUNK) * MPO_CHUNK, 0, 0, 0));
-            let xp = x.reshape((3, h.j1, h.j2)).unwrap().pad_with_zeros(1, 0, c.j1p - h.j1).unwrap().pad_with_zeros(2, 0, c.j2p - h.j2).unwrap();
-            let k = MPO_CHUNK * c.j1p;
-            let mut y = Tensor::zeros((3, h.i1, c.i2p), DType::F32, &Device::Cpu).unwrap();
-            for ch in 0..c.chunks {
-                let r = c.rk.narrow(0, ch * MPO_CHUNK, MPO_CHUNK).unwrap().reshape((MPO_CHUNK * c.i2p, c.j2p)).unwrap();
-                let l = c.lk.get(ch).unwrap().reshape((h.i1, k)).unwrap();
-                for b in 0..3 {
-                    // Zs[i₂][a·J₁′ + j₁], as phase 1 leaves it in shared memory
-                    let zt = r.matmul(&xp.get(b).unwrap().t().unwrap()).unwrap(); // (a, i₂) × j₁
-                    let zs = zt.reshape((MPO_CHUNK, c.i2p, c.j1p)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap().reshape((c.i2p, k)).unwrap();
-                    let yb = l.matmul(&zs.t().unwrap()).unwrap().unsqueeze(0).unwrap();
-                    y = y.slice_assign(&[b..b + 1, 0..h.i1, 0..c.i2p], &(y.narrow(0, b, 1).unwrap() + yb).unwrap()).unwrap();
-                }
-            }
-            let y = y.narrow(2, 0, h.i2).unwrap().reshape((3, m)).unwrap();
-            assert!(max_rel(&y, &want) < 1e-5, "chunked {rows:?}: {}", max_rel(&y, &want));
         }
         // the layer's forward takes the halves on the CPU, and drops them when the cores change
         let (rows, cols) = ([6, 8, 4, 4], [4, 4, 4, 4]);
