@@ -436,7 +436,12 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         }
         Method::Tucker => {
             let dims = dc::sites::interleaved(&rd, &cd);
-            let fit = crate::gpu_tn::tucker_hooi(&w, &rd, &cd, &dc::tucker::ranks_for_cap(&dims, rank), opts.max_iters, opts.tol)?;
+            let ratio = match rank_choice(r) {
+                RankChoice::Ratio(q) => Some(q),
+                _ => None,
+            };
+            let caps = dc::tucker_ranks(m, n, rank, ratio, sites.as_ref())?;
+            let fit = crate::gpu_tn::tucker_hooi(&w, &rd, &cd, &caps, opts.max_iters, opts.tol)?;
             gpu::lap(device, Some(3));
             let factors = fit.factors.iter().enumerate().map(|(d, f)| Factor::from_f64(vec![dims[d], fit.ranks[d]], f)).collect();
             let core = Factor::from_f64(fit.ranks.clone(), &fit.core);

@@ -44,7 +44,8 @@ impl Method {
 pub enum RankChoice {
     /// SVD rank r, TT max bond χ, Tucker per-mode cap, or CP rank.
     Rank(usize),
-    /// Fraction of the layer's params (m·n) kept; the largest rank whose param count fits.
+    /// Fraction of the layer's params (m·n) kept; the largest rank whose param count fits (for
+    /// Tucker, then single modes one rank higher while they fit: [`tucker_ranks`]).
     Ratio(f64),
     /// Target relative Frobenius error.
     Tol(f64),
@@ -186,6 +187,18 @@ pub fn params_at_rank(m: usize, n: usize, method: Method, r: usize, sites: Optio
     })
 }
 
+/// Tucker's per-mode ranks for a resolved rank choice: `cap` on every mode for a rank (or a
+/// tolerance), or, for a ratio, the largest fitting cap ([`rank_for_ratio`]) filled up mode by
+/// mode to the budget (`tucker::ranks_for_budget`).
+pub fn tucker_ranks(m: usize, n: usize, cap: usize, ratio: Option<f64>, sites: Option<&(Vec<usize>, Vec<usize>)>) -> Result<Vec<usize>> {
+    let (rd, cd) = sites::resolve_sites(m, n, sites)?;
+    let dims = sites::interleaved(&rd, &cd);
+    Ok(match ratio {
+        Some(q) => tucker::ranks_for_budget(&dims, cap, (q * (m * n) as f64).floor() as usize),
+        None => tucker::ranks_for_cap(&dims, cap),
+    })
+}
+
 /// The largest rank whose param count is at most `ratio · m · n`.
 pub fn rank_for_ratio(m: usize, n: usize, method: Method, ratio: f64, sites: Option<&(Vec<usize>, Vec<usize>)>) -> Result<usize> {
     if !(ratio > 0.0 && ratio <= 1.0) {
@@ -232,8 +245,14 @@ pub fn predict(m: usize, n: usize, method: Method, rank: RankChoice, sites: Opti
         (_, RankChoice::Ratio(q)) => rank_for_ratio(m, n, method, q, sites)?,
         (_, RankChoice::Tol(_)) => return Err(DecompError::NeedsData),
     };
-    let (params, ranks) = params_at_rank(m, n, method, r, sites)?;
     let (rd, cd) = sites::resolve_sites(m, n, sites)?;
+    let (params, ranks) = match (method, rank) {
+        (Method::Tucker, RankChoice::Ratio(q)) => {
+            let rk = tucker_ranks(m, n, r, Some(q), sites)?;
+            (tucker::params_for_ranks(&sites::interleaved(&rd, &cd), &rk), rk)
+        }
+        _ => params_at_rank(m, n, method, r, sites)?,
+    };
     let shapes = factor_shapes(method, m, n, &rd, &cd, &ranks);
     let bytes = shapes
         .iter()
@@ -340,7 +359,11 @@ pub fn factorize_report(w: MatRef<'_, f32>, opts: &FactorizeOptions) -> Result<(
         }
         Method::Tucker => {
             let dims = sites::interleaved(&rd, &cd);
-            let caps = tucker::ranks_for_cap(&dims, rank);
+            let ratio = match opts.rank {
+                RankChoice::Ratio(q) => Some(q),
+                _ => None,
+            };
+            let caps = tucker_ranks(m, n, rank, ratio, opts.sites.as_ref())?;
             let mode_tol2 = tol.map(|t| t * t * norm2 / dims.len() as f64).unwrap_or(0.0);
             let res = tucker::tucker_hooi(&data, &rd, &cd, &caps, mode_tol2, opts.max_iters, opts.tol)?;
             let factors = res.factors.iter().enumerate().map(|(d, f)| Factor::from_f64(vec![dims[d], res.ranks[d]], f)).collect();

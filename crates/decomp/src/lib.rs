@@ -47,7 +47,7 @@ pub use curve::{error_curve, error_curve_with, CurvePoint};
 pub use error::{DecompError, Result};
 pub use factor::{Factor, FactorData};
 pub use factorization::{
-    factorize, factorize_report, max_rank, params_at_rank, predict, rank_for_ratio, FactorMeta, Factorization, FactorizeOptions, FitReport, Kind,
+    factorize, factorize_report, max_rank, params_at_rank, predict, rank_for_ratio, tucker_ranks, FactorMeta, Factorization, FactorizeOptions, FitReport, Kind,
     Method, NamedTensor, Prediction, RankChoice, TensorData,
 };
 pub use linalg::{from_row_major, sym_eig_desc, to_row_major};

@@ -24,8 +24,30 @@ pub fn params_for_ranks(dims: &[usize], ranks: &[usize]) -> usize {
     ranks.iter().product::<usize>() + dims.iter().zip(ranks).map(|(d, r)| d * r).sum::<usize>()
 }
 
+/// Per-mode ranks at a cap: min(dim_d, cap) on every mode (`RankChoice::Rank`).
 pub fn ranks_for_cap(dims: &[usize], cap: usize) -> Vec<usize> {
     dims.iter().map(|&d| d.min(cap)).collect()
+}
+
+/// Per-mode ranks for a parameter budget (`RankChoice::Ratio`): the largest uniform cap that
+/// fits, then one more rank on single modes, the one that adds the fewest values first (lowest
+/// mode on ties), while the budget allows. A uniform cap alone cannot honour a ratio on small
+/// modes: on 4-sized modes it jumps from 3⁸ to 4⁸ core values, so a 256 × 256 layer asked for
+/// half its values would keep a tenth.
+pub fn ranks_for_budget(dims: &[usize], cap: usize, budget: usize) -> Vec<usize> {
+    let mut ranks = ranks_for_cap(dims, cap);
+    loop {
+        let params = params_for_ranks(dims, &ranks);
+        let step = (0..dims.len()).filter(|&d| ranks[d] < dims[d]).map(|d| {
+            let mut r = ranks.clone();
+            r[d] += 1;
+            (params_for_ranks(dims, &r) - params, d)
+        });
+        match step.min() {
+            Some((add, d)) if params + add <= budget => ranks[d] += 1,
+            _ => return ranks,
+        }
+    }
 }
 
 pub(crate) struct TuckerResult {
@@ -163,3 +185,31 @@ pub(crate) fn tucker_reconstruct(core: &[f32], ranks: &[usize], factors: &[std::
 }
 
 use crate::linalg::mm32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_fills_the_modes_a_uniform_cap_leaves_empty() {
+        // 256 × 256 on four 4 × 4 sites, half the values: cap 3 keeps 6657, a tenth; one more
+        // rank on five of the eight modes keeps 27 764
+        let dims = [4usize; 8];
+        let r = ranks_for_budget(&dims, 3, 32_768);
+        assert_eq!(r, vec![4, 4, 4, 4, 4, 3, 3, 3]);
+        assert_eq!(params_for_ranks(&dims, &r), 27_764);
+        assert_eq!(params_for_ranks(&dims, &ranks_for_cap(&dims, 3)), 6_657);
+        // the cheapest mode first: a 2-sized mode at rank 2 is full, the 8-sized ones grow
+        let dims = [8usize, 2, 8, 4];
+        let r = ranks_for_budget(&dims, 2, 200);
+        assert!(params_for_ranks(&dims, &r) <= 200 && r.iter().zip(&dims).all(|(r, d)| r <= d), "{r:?}");
+        let grown = (0..4).filter(|&d| r[d] < dims[d]).all(|d| {
+            let mut s = r.clone();
+            s[d] += 1;
+            params_for_ranks(&dims, &s) > 200
+        });
+        assert!(grown, "{r:?}: a mode could still grow within the budget");
+        // a budget the cap already meets exactly changes nothing
+        assert_eq!(ranks_for_budget(&[4; 8], 3, 6_657), vec![3; 8]);
+    }
+}
