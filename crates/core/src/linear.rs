@@ -382,14 +382,15 @@ fn core_matrix(core: &Tensor) -> Result<Tensor> {
 /// A Tucker layer's [`core_matrix`], made once at its first decode step on few rows: the core's
 /// modes are interleaved, so without it every step permutes a copy of the whole core. granite-tiny's
 /// tucker plan at 0.5, batch 1 on 2 CPU cores: 118.1 → 130.7 tok/s (the mode products' small
-/// ops dominate there; larger cores gain more). Not made for trainable cores (healing); reset when
-/// the factors change (`factors_mut`). Holds as many values as the core.
+/// ops dominate there). CPU only (as `MpoCache`: on CUDA the gain is unmeasured and the memory
+/// matters more), not for trainable cores (healing); reset when the factors change
+/// (`factors_mut`). Holds as many values as the core.
 #[derive(Debug, Clone, Default)]
 pub struct CoreCache(std::sync::OnceLock<Tensor>);
 
 impl CoreCache {
     fn get(&self, core: &Tensor) -> Result<Option<&Tensor>> {
-        if core.is_variable() {
+        if !core.device().is_cpu() || core.is_variable() {
             return Ok(None);
         }
         if let Some(c) = self.0.get() {

@@ -58,7 +58,9 @@ pub fn error_curve_with(w: MatRef<'_, f32>, methods: &[Method], ratios: &[f64], 
             } else {
                 let mut o = base.clone();
                 o.method = method;
-                o.rank = RankChoice::Rank(r);
+                // a ratio, as plans fit it (Tucker fills its modes to the budget, see
+                // `tucker_ranks`; for TT and CP this is rank `r`)
+                o.rank = RankChoice::Ratio(ratio);
                 let f = factorize(w, &o)?;
                 out.push(CurvePoint { method, ratio, params: f.params(), rel_error: f.rel_error(w), rank: f.ranks() });
             }

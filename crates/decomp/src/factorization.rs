@@ -187,14 +187,14 @@ pub fn params_at_rank(m: usize, n: usize, method: Method, r: usize, sites: Optio
     })
 }
 
-/// Tucker's per-mode ranks for a resolved rank choice: `cap` on every mode for a rank (or a
-/// tolerance), or, for a ratio, the largest fitting cap ([`rank_for_ratio`]) filled up mode by
-/// mode to the budget (`tucker::ranks_for_budget`).
+/// Tucker's per-mode ranks: for a ratio, the largest fitting cap ([`rank_for_ratio`]) filled up
+/// mode by mode to the budget (`tucker::ranks_for_budget`); otherwise `cap` on every mode (a rank,
+/// or a tolerance's largest rank).
 pub fn tucker_ranks(m: usize, n: usize, cap: usize, ratio: Option<f64>, sites: Option<&(Vec<usize>, Vec<usize>)>) -> Result<Vec<usize>> {
     let (rd, cd) = sites::resolve_sites(m, n, sites)?;
     let dims = sites::interleaved(&rd, &cd);
     Ok(match ratio {
-        Some(q) => tucker::ranks_for_budget(&dims, cap, (q * (m * n) as f64).floor() as usize),
+        Some(q) => tucker::ranks_for_budget(&dims, rank_for_ratio(m, n, Method::Tucker, q, sites)?, (q * (m * n) as f64).floor() as usize),
         None => tucker::ranks_for_cap(&dims, cap),
     })
 }

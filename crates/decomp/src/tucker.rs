@@ -29,23 +29,30 @@ pub fn ranks_for_cap(dims: &[usize], cap: usize) -> Vec<usize> {
     dims.iter().map(|&d| d.min(cap)).collect()
 }
 
-/// Per-mode ranks for a parameter budget (`RankChoice::Ratio`): the largest uniform cap that
-/// fits, then one more rank on single modes, the one that adds the fewest values first (lowest
-/// mode on ties), while the budget allows. A uniform cap alone cannot honour a ratio on small
-/// modes: on 4-sized modes it jumps from 3⁸ to 4⁸ core values, so a 256 × 256 layer asked for
-/// half its values would keep a tenth.
+/// Per-mode ranks for a parameter budget (`RankChoice::Ratio`): from the uniform `cap` (which
+/// must fit), one more rank at a time on the mode truncated most relative to its size (rank /
+/// dim; then the cheaper, then the lower mode), among those whose step still fits the budget and
+/// whose rank stays within the product of the other ranks (beyond it the core cannot use it).
+/// A uniform cap alone cannot honour a ratio on small modes: on 4-sized modes it jumps from 3⁸
+/// to 4⁸ core values, so a 256 × 256 layer asked for half its values would keep a tenth.
 pub fn ranks_for_budget(dims: &[usize], cap: usize, budget: usize) -> Vec<usize> {
     let mut ranks = ranks_for_cap(dims, cap);
     loop {
         let params = params_for_ranks(dims, &ranks);
-        let step = (0..dims.len()).filter(|&d| ranks[d] < dims[d]).map(|d| {
-            let mut r = ranks.clone();
-            r[d] += 1;
-            (params_for_ranks(dims, &r) - params, d)
-        });
-        match step.min() {
-            Some((add, d)) if params + add <= budget => ranks[d] += 1,
-            _ => return ranks,
+        let others = |d: usize| ranks.iter().enumerate().filter(|&(e, _)| e != d).map(|(_, r)| r).product::<usize>();
+        let step = (0..dims.len())
+            .filter(|&d| ranks[d] < dims[d] && ranks[d] < others(d))
+            .map(|d| {
+                let mut r = ranks.clone();
+                r[d] += 1;
+                (d, params_for_ranks(dims, &r) - params)
+            })
+            .filter(|&(_, add)| params + add <= budget)
+            // rank/dim compared as fractions: a/b < c/e ⇔ a·e < c·b
+            .min_by(|&(d, add), &(e, add2)| (ranks[d] * dims[e]).cmp(&(ranks[e] * dims[d])).then(add.cmp(&add2)).then(d.cmp(&e)));
+        match step {
+            Some((d, _)) => ranks[d] += 1,
+            None => return ranks,
         }
     }
 }
@@ -199,16 +206,22 @@ mod tests {
         assert_eq!(r, vec![4, 4, 4, 4, 4, 3, 3, 3]);
         assert_eq!(params_for_ranks(&dims, &r), 27_764);
         assert_eq!(params_for_ranks(&dims, &ranks_for_cap(&dims, 3)), 6_657);
-        // the cheapest mode first: a 2-sized mode at rank 2 is full, the 8-sized ones grow
+        // mixed sizes: the 8-sized modes grow before the 4-sized one, and nothing more fits
         let dims = [8usize, 2, 8, 4];
         let r = ranks_for_budget(&dims, 2, 200);
         assert!(params_for_ranks(&dims, &r) <= 200 && r.iter().zip(&dims).all(|(r, d)| r <= d), "{r:?}");
         let grown = (0..4).filter(|&d| r[d] < dims[d]).all(|d| {
             let mut s = r.clone();
             s[d] += 1;
-            params_for_ranks(&dims, &s) > 200
+            params_for_ranks(&dims, &s) > 200 || r[d] >= r.iter().enumerate().filter(|&(e, _)| e != d).map(|(_, x)| x).product::<usize>()
         });
         assert!(grown, "{r:?}: a mode could still grow within the budget");
+        // 4096 × 4096 at a tenth: cap 5 on eight 8-sized modes, then the modes grow in turn
+        // (1.40 M values at seven 6s) and the first once more (1.63 M), not one mode to 8
+        assert_eq!(ranks_for_budget(&[8; 8], 5, 1_677_721), vec![7, 6, 6, 6, 6, 6, 6, 5]);
+        // one site (two modes): a rank beyond the other mode's is of no use to the core, so
+        // 768 × 256 at a tenth stays at the cap
+        assert_eq!(ranks_for_budget(&[768, 256], 18, 19_660), vec![18, 18]);
         // a budget the cap already meets exactly changes nothing
         assert_eq!(ranks_for_budget(&[4; 8], 3, 6_657), vec![3; 8]);
     }
