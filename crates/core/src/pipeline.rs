@@ -436,11 +436,7 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         }
         Method::Tucker => {
             let dims = dc::sites::interleaved(&rd, &cd);
-            let ratio = match rank_choice(r) {
-                RankChoice::Ratio(q) => Some(q),
-                _ => None,
-            };
-            let caps = dc::tucker_ranks(m, n, rank, ratio, sites.as_ref())?;
+            let caps = dc::tucker_ranks(m, n, rank_choice(r), sites.as_ref())?;
             let fit = crate::gpu_tn::tucker_hooi(&w, &rd, &cd, &caps, opts.max_iters, opts.tol)?;
             gpu::lap(device, Some(3));
             let factors = fit.factors.iter().enumerate().map(|(d, f)| Factor::from_f64(vec![dims[d], fit.ranks[d]], f)).collect();

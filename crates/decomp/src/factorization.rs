@@ -187,15 +187,17 @@ pub fn params_at_rank(m: usize, n: usize, method: Method, r: usize, sites: Optio
     })
 }
 
-/// Tucker's per-mode ranks: for a ratio, the largest fitting cap ([`rank_for_ratio`]) filled up
-/// mode by mode to the budget (`tucker::ranks_for_budget`); otherwise `cap` on every mode (a rank,
-/// or a tolerance's largest rank).
-pub fn tucker_ranks(m: usize, n: usize, cap: usize, ratio: Option<f64>, sites: Option<&(Vec<usize>, Vec<usize>)>) -> Result<Vec<usize>> {
+/// Tucker's per-mode ranks (caps for a tolerance fit): a rank `r` on every mode; for a ratio, the
+/// largest fitting cap ([`rank_for_ratio`]) filled up mode by mode to the budget
+/// (`tucker::ranks_for_budget`); for a tolerance, the full modes (the fit truncates). The CPU fit,
+/// the GPU fit and [`predict`] all take their ranks from here.
+pub fn tucker_ranks(m: usize, n: usize, choice: RankChoice, sites: Option<&(Vec<usize>, Vec<usize>)>) -> Result<Vec<usize>> {
     let (rd, cd) = sites::resolve_sites(m, n, sites)?;
     let dims = sites::interleaved(&rd, &cd);
-    Ok(match ratio {
-        Some(q) => tucker::ranks_for_budget(&dims, rank_for_ratio(m, n, Method::Tucker, q, sites)?, (q * (m * n) as f64).floor() as usize),
-        None => tucker::ranks_for_cap(&dims, cap),
+    Ok(match choice {
+        RankChoice::Rank(r) => tucker::ranks_for_cap(&dims, r),
+        RankChoice::Ratio(q) => tucker::ranks_for_budget(&dims, rank_for_ratio(m, n, Method::Tucker, q, sites)?, (q * (m * n) as f64).floor() as usize),
+        RankChoice::Tol(_) => tucker::ranks_for_cap(&dims, max_rank(m, n, Method::Tucker, sites)?),
     })
 }
 
@@ -246,9 +248,9 @@ pub fn predict(m: usize, n: usize, method: Method, rank: RankChoice, sites: Opti
         (_, RankChoice::Tol(_)) => return Err(DecompError::NeedsData),
     };
     let (rd, cd) = sites::resolve_sites(m, n, sites)?;
-    let (params, ranks) = match (method, rank) {
-        (Method::Tucker, RankChoice::Ratio(q)) => {
-            let rk = tucker_ranks(m, n, r, Some(q), sites)?;
+    let (params, ranks) = match method {
+        Method::Tucker => {
+            let rk = tucker_ranks(m, n, rank, sites)?;
             (tucker::params_for_ranks(&sites::interleaved(&rd, &cd), &rk), rk)
         }
         _ => params_at_rank(m, n, method, r, sites)?,
@@ -359,11 +361,7 @@ pub fn factorize_report(w: MatRef<'_, f32>, opts: &FactorizeOptions) -> Result<(
         }
         Method::Tucker => {
             let dims = sites::interleaved(&rd, &cd);
-            let ratio = match opts.rank {
-                RankChoice::Ratio(q) => Some(q),
-                _ => None,
-            };
-            let caps = tucker_ranks(m, n, rank, ratio, opts.sites.as_ref())?;
+            let caps = tucker_ranks(m, n, opts.rank, opts.sites.as_ref())?;
             let mode_tol2 = tol.map(|t| t * t * norm2 / dims.len() as f64).unwrap_or(0.0);
             let res = tucker::tucker_hooi(&data, &rd, &cd, &caps, mode_tol2, opts.max_iters, opts.tol)?;
             let factors = res.factors.iter().enumerate().map(|(d, f)| Factor::from_f64(vec![dims[d], res.ranks[d]], f)).collect();
