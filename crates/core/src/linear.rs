@@ -132,13 +132,13 @@ impl Linear {
             // first (m·n·χ), then one GEMM; site by site, every site streams rows × m × χ-sized
             // temporaries through permuted copies (10–15× slower on a CPU at 1024 rows)
             Linear::Mpo { .. } | Linear::Tucker { .. } | Linear::Cp { .. } if rows >= FACTORS_FIRST_ROWS => x2.matmul(&self.to_dense()?.t()?)?,
-            Linear::Mpo { cores, halves, .. } => match halves.get(cores, &x2)? {
+            Linear::Mpo { cores, halves, .. } => match halves.get(cores)? {
                 Some(h) => h.apply(&x2)?,
                 None => mpo_apply(cores, &x2)?,
             },
             Linear::Tucker { core, factors, m, matrix, .. } => match matrix.get(core)? {
                 Some(c) => tucker_apply(c, core, factors, *m, &x2)?,
-                None => tucker_apply(&core_matrix(core)?, core, factors, *m, &x2)?,
+                None => tucker_apply(&interleaved_matrix(core)?, core, factors, *m, &x2)?,
             },
             Linear::Cp { weights, factors, m, .. } => cp_apply(weights, factors, *m, &x2)?,
         };
@@ -307,15 +307,8 @@ impl MpoHalves {
 pub struct MpoCache(std::sync::OnceLock<Option<MpoHalves>>);
 
 impl MpoCache {
-    fn get(&self, cores: &[Tensor], x: &Tensor) -> Result<Option<&MpoHalves>> {
-        if !x.device().is_cpu() || cores.iter().any(|c| c.is_variable()) {
-            return Ok(None);
-        }
-        if let Some(h) = self.0.get() {
-            return Ok(h.as_ref());
-        }
-        let h = MpoHalves::new(cores)?;
-        Ok(self.0.get_or_init(|| h).as_ref())
+    fn get(&self, cores: &[Tensor]) -> Result<Option<&MpoHalves>> {
+        Ok(decode_cached(&self.0, &cores.iter().collect::<Vec<_>>(), || MpoHalves::new(cores))?.and_then(|h| h.as_ref()))
     }
 }
 
@@ -369,17 +362,29 @@ pub(crate) fn mode_mul(t: &Tensor, axis: usize, mat: &Tensor) -> Result<Tensor> 
     if axis == last { Ok(y) } else { y.transpose(axis, last)?.contiguous() }
 }
 
-/// A Tucker core (r_m1, r_n1, r_m2, r_n2, …) as the matrix (r_m1·r_m2⋯) × (r_n1·r_n2⋯) that a
-/// decode step multiplies by: its row ranks first, a permuted copy of the whole core.
-fn core_matrix(core: &Tensor) -> Result<Tensor> {
-    let rdims = core.dims();
-    let k = rdims.len() / 2;
-    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
-    let rm: usize = (0..k).map(|t| rdims[2 * t]).product();
-    core.permute(perm)?.contiguous()?.reshape((rm, core.elem_count() / rm.max(1)))
+/// A 2k-way tensor with interleaved modes (a₁, b₁, a₂, b₂, …) as the matrix (a₁a₂⋯) × (b₁b₂⋯):
+/// a Tucker core as the matrix a decode step multiplies by, or the contracted layer as W. A
+/// permuted copy of the whole tensor.
+fn interleaved_matrix(t: &Tensor) -> Result<Tensor> {
+    let pairs: Vec<(usize, usize)> = t.dims().chunks(2).map(|p| (p[0], p[1])).collect();
+    let rows: usize = pairs.iter().map(|p| p.0).product();
+    interleaved_to_blocks(t, &pairs, 0, true)?.reshape((rows, t.elem_count() / rows.max(1)))
 }
 
-/// A Tucker layer's [`core_matrix`], made once at its first decode step on few rows: the core's
+/// The value `cell` holds for a decode step, made by `make` at first use; `None` (no cache) for
+/// tensors off the CPU or trainable (healing).
+fn decode_cached<'a, T>(cell: &'a std::sync::OnceLock<T>, tensors: &[&Tensor], make: impl FnOnce() -> Result<T>) -> Result<Option<&'a T>> {
+    if tensors.iter().any(|t| !t.device().is_cpu() || t.is_variable()) {
+        return Ok(None);
+    }
+    if let Some(v) = cell.get() {
+        return Ok(Some(v));
+    }
+    let v = make()?;
+    Ok(Some(cell.get_or_init(|| v)))
+}
+
+/// A Tucker layer's core as an [`interleaved_matrix`], made once at its first decode step on few rows: the core's
 /// modes are interleaved, so without it every step permutes a copy of the whole core. granite-tiny's
 /// tucker plan at 0.5, batch 1 on 2 CPU cores: 118.1 → 130.7 tok/s (the mode products' small
 /// ops dominate there). CPU only (as `MpoCache`: on CUDA the gain is unmeasured and the memory
@@ -390,19 +395,12 @@ pub struct CoreCache(std::sync::OnceLock<Tensor>);
 
 impl CoreCache {
     fn get(&self, core: &Tensor) -> Result<Option<&Tensor>> {
-        if !core.device().is_cpu() || core.is_variable() {
-            return Ok(None);
-        }
-        if let Some(c) = self.0.get() {
-            return Ok(Some(c));
-        }
-        let c = core_matrix(core)?;
-        Ok(Some(self.0.get_or_init(|| c)))
+        decode_cached(&self.0, &[core], || interleaved_matrix(core))
     }
 }
 
 /// Tucker over interleaved modes: y = x contracted with the column factors, the core (as
-/// `matrix`, its [`core_matrix`]), then the row factors; W is never formed.
+/// `matrix`, its [`interleaved_matrix`]), then the row factors; W is never formed.
 fn tucker_apply(matrix: &Tensor, core: &Tensor, factors: &[Tensor], m: usize, x: &Tensor) -> Result<Tensor> {
     let (b, _) = x.dims2()?;
     let k = factors.len() / 2;
@@ -480,13 +478,11 @@ pub fn mpo_dense(cores: &[Tensor], row_dims: &[usize], col_dims: &[usize]) -> ca
 /// The dense m × n matrix of a Tucker layer: the core's modes multiplied by the factors, then
 /// the interleaved (m_1, n_1, m_2, n_2, …) modes put in row/column order.
 fn tucker_dense(core: &Tensor, factors: &[Tensor], m: usize, n: usize) -> Result<Tensor> {
-    let k = factors.len() / 2;
     let mut g = core.clone();
     for (axis, f) in factors.iter().enumerate() {
         g = mode_mul(&g, axis, &f.t()?)?; // r → m_t or n_t
     }
-    let perm: Vec<usize> = (0..k).map(|t| 2 * t).chain((0..k).map(|t| 2 * t + 1)).collect();
-    g.permute(perm)?.contiguous()?.reshape((m, n))
+    interleaved_matrix(&g)?.reshape((m, n))
 }
 
 /// The dense m × n matrix of a CP layer: KR(A) diag(λ) KR(B)ᵀ.
