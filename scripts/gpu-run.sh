@@ -5,7 +5,7 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
 #   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
-#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused batch-1 MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_prof (Nsight Compute on it, timing-only variants), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
@@ -87,7 +87,9 @@ fi
 agree() {
 step "issue 8: CPU and GPU agree on both fixtures: spectra, svd/tt/tucker/cp plans at 0.5 (ranks, errors), perplexity"
 # granite-tiny's cp fit runs > 300 s on the 16-core host's CPU (32.6 s on the H200): cp is compared on stories260K
-for fx in "granite-tiny $G $GT svd tt tucker" "stories260K $S $ST svd tt tucker cp"; do
+# AGREE_G / AGREE_S: the methods compared on each fixture (default: all that fit the call)
+AG=${AGREE_G:-svd tt tucker}; AS=${AGREE_S:-svd tt tucker cp}
+for fx in "granite-tiny $G $GT $AG" "stories260K $S $ST $AS"; do
   set -- $fx; tag=$1 m=$2 t=$3; shift 3
   for d in cpu cuda; do
     $B spectra $m --json --device $d > /tmp/ag-$tag-spectra-$d.json
@@ -98,7 +100,7 @@ for fx in "granite-tiny $G $GT svd tt tucker" "stories260K $S $ST svd tt tucker 
     timeout 100 $B eval /tmp/ag-$tag-$me-$d --text $t --device cuda --json > /tmp/ag-$tag-$me-$d-eval.json
   done; done
 done
-python3 scripts/compare_cpu_gpu.py /tmp "granite-tiny:svd,tt,tucker" "stories260K:svd,tt,tucker,cp" | tee "$OUT/agreement.txt"
+python3 scripts/compare_cpu_gpu.py /tmp "granite-tiny:${AG// /,}" "stories260K:${AS// /,}" | tee "$OUT/agreement.txt"
 }
 tokens() {
 [ -d /tmp/gt-svd-cuda ] || timeout 100 $B compress $G --method svd --ratio 0.5 --device cuda --out /tmp/gt-svd-cuda > /dev/null
@@ -166,6 +168,41 @@ done; done
 step "MPO decode: synthetic Granite-8B, tt plan at 0.5"
 compress_once /tmp/g8b-tt --method tt --ratio 0.5
 timeout 300 $B bench decode /tmp/g8b /tmp/g8b-svd /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch ${TT_BATCH:-1,16} --paths ops,graph 2>&1 | grep -vE "^loaded"
+}
+# mpo_fused: MPO layers at batch 1 in the fused kernel (step_mpof + step_mpo_sum) against the two
+# cuBLAS GEMMs (COMPACTOR_MPO_FUSED=0): granite-tiny's tt plan (agreement with candle ops, greedy
+# tokens), then the synthetic Granite-8B's tt plan at 0.5 with the dense model in the same process
+mpo_fused() {
+step "fused MPO kernel: granite-tiny tt 0.5, step graph vs candle ops (agreement, speed)"
+[ -d /tmp/gt-tt-cuda ] || timeout 100 $B compress $G --method tt --ratio 0.5 --device cuda --out /tmp/gt-tt-cuda > /dev/null
+timeout 120 $B bench decode $G /tmp/gt-tt-cuda --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 2 --batch 1 --paths ops,graph 2>&1 | grep -vE "^loaded"
+for f in 1 0; do
+  COMPACTOR_MPO_FUSED=$f timeout 60 $B generate /tmp/gt-tt-cuda --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|mpo fused $f gt-tt: |"
+done
+step "fused MPO kernel: synthetic Granite-8B, tt plan at 0.5"
+compress_once /tmp/g8b-tt --method tt --ratio 0.5
+timeout 200 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths ops,graph 2>&1 | grep -vE "^loaded"
+for e in ${MPO_ENVS:-COMPACTOR_MPO_FUSED=0}; do
+  step "g8b tt, step graph, under $e"
+  env ${e//\// } timeout 150 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths graph 2>&1 | grep -vE "^loaded"
+done
+}
+# mpo_prof: Nsight Compute's detailed sections on two step_mpof launches of a decode step (the
+# second step's q and k of layer 0; run with L=4 for a quick synthetic model), then timing-only
+# variants (MPO_PARTS; COMPACTOR_GEMV_DEFINES=MF_SKIP=1 leaves out the tensor-core phases, 2 the
+# copies too, 3 phase 2, 4 phase 1)
+mpo_prof() {
+compress_once /tmp/g8b-tt --method tt --ratio 0.5
+step "ncu --set detailed: step_mpof, g8b ($L layers) tt"
+NCU=/usr/local/cuda-13.0/bin/ncu
+timeout 300 $NCU --graph-profiling node --kernel-name regex:"step_mpof_" --launch-skip $((7 * L)) --launch-count 2 --set detailed --section WarpStateStats --section SourceCounters \
+  -o /tmp/ncu-prof -f $B bench decode /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 4 --repeats 1 --batch 1 --paths graph > /tmp/ncu-prof.log 2>&1
+echo "ncu rc $?"; grep -E "==ERROR" /tmp/ncu-prof.log | head -5
+$NCU --import /tmp/ncu-prof.ncu-rep --page details --print-details all 2>/dev/null | grep -vE "^\s*-+\s*$" | head -400
+for e in - ${MPO_PARTS:-COMPACTOR_GEMV_DEFINES=MF_SKIP=1 COMPACTOR_GEMV_DEFINES=MF_SKIP=3 COMPACTOR_GEMV_DEFINES=MF_SKIP=4 COMPACTOR_GEMV_DEFINES=MF_SKIP=2}; do
+  step "g8b ($L layers) tt, fused MPO kernel, $e"
+  env ${e#-} timeout 150 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths graph 2>&1 | grep -E "g8b|error"
+done
 }
 # aware: the decode-aware plan at half the parameters (scripts/plans/granite-8b-decode-50.json)
 aware() {

@@ -14,8 +14,9 @@
 //!
 //! with the decode product kernels of [`crate::gpu`] (dense: one product per matrix, q/k/v and
 //! gate/up in one launch; low rank: the B factors of a group in one launch, then their A factors
-//! in one; MPO: the layer cut into two halves at one bond, then two cuBLAS GEMMs, see
-//! `linear::MpoHalves`) and a handful of small kernels ([`STEP_SRC`]). The step is captured once as a CUDA
+//! in one; MPO: the layer cut into two halves at one bond, see `linear::MpoHalves`, then at
+//! batch 1 one fused tensor-core launch and a sum of its blocks' partials, above it two cuBLAS
+//! GEMMs) and a handful of small kernels ([`STEP_SRC`]). The step is captured once as a CUDA
 //! graph; the position and the token ids live in device memory (`meta`), so the same graph
 //! replays every step. Every kernel is a programmatic dependent launch on sm_90+.
 //!
@@ -24,7 +25,7 @@
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
 use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
-use crate::linear::{Linear, MpoHalves};
+use crate::linear::{Linear, MpoFusedLayout, MpoHalves};
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -279,6 +280,236 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
     pdl_launch_next(); pdl_wait();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = bf(l[i]) * mul;
 }
+// ---- An MPO layer at batch 1 in one launch (sm_90+), then step_mpo_sum ----
+// Layout (`linear::MpoFusedLayout`): per bond index a one chunk, R_a (I2p × J2p) then L_a
+// (I1p × J1p), bf16, 16-byte groups swizzled (mf_off). y[i1, i2] = Σ_a Σ_j1 L_a[i1, j1] Z_a[i2, j1],
+// Z_a[i2, j1] = Σ_j2 R_a[i2, j2] x[j1, j2]. Each block takes a contiguous range of bond indices;
+// a producer thread bulk-copies their chunks (cp.async.bulk, mbarrier completion) into a ring of
+// `slots` chunks, from before the wait for x (weights are never written), so the next layer's
+// weights stream while the previous kernel ends. MF_CW consumer warps split each chunk's work:
+// warp (m, h) takes i2 tile m (16 rows) and the h-th part of j1: phase 1 puts its Z tile in
+// registers (mma.m16n8k16, x from shared memory), and since an accumulator fragment of phase 1
+// is laid out as the B operand of phase 2 (rows i2 = n, columns j1 = k), phase 2 multiplies
+// L_a's columns of that j1 part by it without a trip through shared memory. The warps' sums
+// meet in shared memory at the end, and each block writes its partial y (f32, I1 × I2) to
+// part[block]; step_mpo_sum adds the partials up (no atomics: the blocks' sums all land on the
+// same few addresses, which serializes them). Grid ≤ min(SMs, chi), 32·(MF_CW + 1) threads.
+// Compiled for NK = J1p/16/S k steps of j1 per warp (S = min(MF_CW / T, J1p/16) warps per i2
+// tile, T = I2p/16 tiles; the layout pads J1p to a multiple of 16·S) and MT = I1p/16 row tiles
+// of L_a (step_mpof_NK_MT, NK ≤ 4, MT ≤ 8), so that its loops unroll whole. Requires J2 % 8 == 0;
+// dynamic shared memory: slots·chunk + J1p·(J2p + 8)·2 + 16·slots bytes, the ring at least
+// I1p·I2p·4 bytes (the warps' sums reuse it).
+#define MF_CW 8
+// timing only (`COMPACTOR_GEMV_DEFINES`; y is then wrong): MF_SKIP=1 leaves out the tensor-core
+// phases (the chunks still stream in), 2 the copies too, 3 leaves out phase 2, 4 phase 1
+#ifndef MF_SKIP
+#define MF_SKIP 0
+#endif
+__device__ __forceinline__ unsigned mf_saddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// offset (bf16) of row r, column c (c % 8 == 0) in a tile `cols` wide (`linear::swizzle`)
+__device__ __forceinline__ int mf_off(int r, int c, int cols) {
+    const int g = c >> 3;
+    return r * cols + (((cols & 63) == 0 ? (g ^ (r & 7)) : g) << 3);
+}
+__device__ __forceinline__ unsigned pk_bf16(float lo, float hi) { return to_bf16(lo) | ((unsigned)to_bf16(hi) << 16); }
+__device__ __forceinline__ void ldsm4a(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+// two floats rounded to bf16 (nearest even) in one register, lo in the low half
+__device__ __forceinline__ unsigned cvt_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ void mf_bar() { asm volatile("bar.sync 1, %0;" ::"n"(32 * MF_CW) : "memory"); }
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(unsigned long long* b, unsigned n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mf_saddr(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(mf_saddr(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity) {
+    unsigned ok = 0;
+    while (!ok)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}" : "=r"(ok) : "r"(mf_saddr(b)), "r"(parity) : "memory");
+}
+#endif
+template <int NK, int MT>
+__device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+    float* __restrict__ part, int I1, int I2, int J1, int J2, int I1p, int I2p, int J1p, int J2p, int chi, int slots) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) unsigned char mf_sm[];
+    const int rsz = I2p * J2p, csz = rsz + I1p * J1p, XS = J2p + 8;
+    const unsigned cbytes = (unsigned)csz * 2;
+    unsigned char* ring = mf_sm;
+    unsigned short* xs = (unsigned short*)(mf_sm + (size_t)slots * cbytes);
+    unsigned long long* full = (unsigned long long*)(xs + J1p * XS);
+    unsigned long long* empty = full + slots;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int a0 = (int)((long long)chi * blockIdx.x / gridDim.x), na = (int)((long long)chi * (blockIdx.x + 1) / gridDim.x) - a0;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < slots; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], MF_CW);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    pdl_launch_next();
+    if (warp == MF_CW) {
+        // the producer
+        if (lane == 0) {
+            unsigned long long policy;
+            asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+            for (int n = 0; n < (MF_SKIP == 2 ? 0 : na); n++) {
+                const int s = n % slots;
+                if (n >= slots) mbar_wait(&empty[s], ((n / slots) - 1) & 1);
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mf_saddr(&full[s])), "r"(cbytes) : "memory");
+                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+                             ::"r"(mf_saddr(ring + (size_t)s * cbytes)), "l"(w + (size_t)(a0 + n) * csz), "r"(cbytes), "r"(mf_saddr(&full[s])), "l"(policy) : "memory");
+            }
+        }
+        return;
+    }
+    pdl_wait();
+    const int c8 = J2p >> 3;
+    for (int e = threadIdx.x; e < J1p * c8; e += 32 * MF_CW) {
+        const int j1 = e / c8, j = (e - j1 * c8) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (j1 < J1 && j < J2) v = *(const uint4*)(x + (size_t)j1 * J2 + j);
+        *(uint4*)(xs + j1 * XS + j) = v;
+    }
+    mf_bar();
+    const int T = I2p >> 4, S = min(MF_CW / T, J1p >> 4);
+    const int m = warp % T, h = warp / T;
+    const bool active = h < S;
+    const int kb0 = active ? h * NK : 0;
+    const int g = lane >> 2, t = lane & 3, hi = lane >> 4;
+    // this lane's ldmatrix addresses (shared-memory bytes), computed once: R_a row m·16 + lane%16
+    // (chunk-relative), L_a row lane%16 (+ 16 per m tile), x row j1 of each of its k steps
+    const int ra = m * 16 + (lane & 15);
+    const unsigned rsw = (J2p & 63) == 0 ? (ra & 7) : 0, lsw = (J1p & 63) == 0 ? (lane & 7) : 0;
+    const unsigned r_row = ra * J2p * 2, l_mt = 16 * J1p * 2;
+    unsigned l_q[NK], x_q[NK];
+#pragma unroll
+    for (int q = 0; q < NK; q++) {
+        l_q[q] = rsz * 2 + (lane & 15) * J1p * 2 + (((unsigned)((kb0 + q) * 2 + hi) ^ lsw) << 4);
+        x_q[q] = mf_saddr(xs) + (((kb0 + q) * 16 + (hi << 3) + (lane & 7)) * XS + (((lane >> 3) & 1) << 3)) * 2;
+    }
+    const unsigned ring_a = mf_saddr(ring);
+    float yc[MT][2][4];
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) yc[i][j][0] = yc[i][j][1] = yc[i][j][2] = yc[i][j][3] = 0.f;
+    for (int n = 0; n < na; n++) {
+        const int s = n % slots;
+        if (MF_SKIP == 2) continue;
+        mbar_wait(&full[s], (n / slots) & 1);
+        if (active && MF_SKIP != 1) {
+            const unsigned ca = ring_a + s * cbytes;
+            float zc[NK][2][4];
+#pragma unroll
+            for (int q = 0; q < NK; q++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) zc[q][j][0] = zc[q][j][1] = zc[q][j][2] = zc[q][j][3] = 0.f;
+            // phase 1: Z (i2 tile m × this warp's j1) = R_a · xᵀ, K = j2
+#pragma unroll 4
+            for (int k = 0; k < (MF_SKIP == 4 ? 0 : J2p >> 4); k++) {
+                unsigned a0_, a1_, a2_, a3_;
+                ldsm4a(a0_, a1_, a2_, a3_, ca + r_row + (((unsigned)(2 * k + hi) ^ rsw) << 4));
+#pragma unroll
+                for (int q = 0; q < NK; q++) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm4a(b0, b1, b2, b3, x_q[q] + 32 * k);
+                    mma16816(zc[q][0], a0_, a1_, a2_, a3_, b0, b1);
+                    mma16816(zc[q][1], a0_, a1_, a2_, a3_, b2, b3);
+                }
+            }
+            // phase 2: y (I1 × i2 tile m) += L_a (columns: this warp's j1) · Zᵀ, B straight from
+            // phase 1's accumulators (rounded to bf16, as the two-GEMM path stores Z)
+#pragma unroll
+            for (int q = 0; q < NK; q++) {
+                if (MF_SKIP != 3) {
+                    const unsigned p00 = cvt_bf16x2(zc[q][0][0], zc[q][0][1]), p01 = cvt_bf16x2(zc[q][1][0], zc[q][1][1]);
+                    const unsigned p10 = cvt_bf16x2(zc[q][0][2], zc[q][0][3]), p11 = cvt_bf16x2(zc[q][1][2], zc[q][1][3]);
+                    const unsigned la = ca + l_q[q];
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        unsigned a0_, a1_, a2_, a3_;
+                        ldsm4a(a0_, a1_, a2_, a3_, la + mt * l_mt);
+                        mma16816(yc[mt][0], a0_, a1_, a2_, a3_, p00, p01);
+                        mma16816(yc[mt][1], a0_, a1_, a2_, a3_, p10, p11);
+                    }
+                }
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);
+    }
+    // the warps' sums into the ring (every chunk consumed), then this block's partial
+    float* ys = (float*)mf_sm;
+    mf_bar();
+    for (int r = 0; r < S; r++) {
+        if (active && h == r) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                {
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        float2* p0 = (float2*)(ys + (mt * 16 + g) * I2p + m * 16 + j * 8 + 2 * t);
+                        float2* p1 = p0 + 4 * I2p;
+                        float2 v0 = make_float2(yc[mt][j][0], yc[mt][j][1]), v1 = make_float2(yc[mt][j][2], yc[mt][j][3]);
+                        if (r) {
+                            v0.x += p0->x; v0.y += p0->y; v1.x += p1->x; v1.y += p1->y;
+                        }
+                        *p0 = v0;
+                        *p1 = v1;
+                    }
+                }
+            }
+        }
+        mf_bar();
+    }
+    float* pb = part + (size_t)blockIdx.x * I1 * I2;
+    for (int e = threadIdx.x; e < I1 * I2; e += 32 * MF_CW) {
+        const int i1 = e / I2;
+        pb[e] = ys[i1 * I2p + e - i1 * I2];
+    }
+#endif
+}
+#define MPOF(NK, MT)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * (MF_CW + 1), 1) step_mpof_##NK##_##MT(                 \
+        const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, float* __restrict__ part, \
+        int I1, int I2, int J1, int J2, int I1p, int I2p, int J1p, int J2p, int chi, int slots) {            \
+        mpof<NK, MT>(x, w, part, I1, I2, J1, J2, I1p, I2p, J1p, J2p, chi, slots);                            \
+    }
+#define MPOF_MT(NK) MPOF(NK, 1) MPOF(NK, 2) MPOF(NK, 3) MPOF(NK, 4) MPOF(NK, 5) MPOF(NK, 6) MPOF(NK, 7) MPOF(NK, 8)
+MPOF_MT(1) MPOF_MT(2) MPOF_MT(3) MPOF_MT(4)
+// y (bf16, n values, n % 4 == 0) = Σ of `parts` partials (f32, parts × n) of step_mpof. Grid:
+// ceil(n / 64), 256 threads: 16 float4 columns × 16 partial groups per block.
+extern "C" __global__ void step_mpo_sum(const float* __restrict__ part, unsigned short* __restrict__ y, int n, int parts) {
+    __shared__ float4 red[16][16];
+    pdl_launch_next(); pdl_wait();
+    const int c = threadIdx.x & 15, grp = threadIdx.x >> 4, i4 = blockIdx.x * 16 + c;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (4 * i4 < n) {
+        for (int p = grp; p < parts; p += 16) {
+            const float4 v = __ldcg((const float4*)(part + (size_t)p * n) + i4);
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+    }
+    red[grp][c] = s;
+    __syncthreads();
+    if (grp == 0 && 4 * i4 < n) {
+        for (int k = 1; k < 16; k++) {
+            const float4 v = red[k][c];
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        ((uint2*)y)[i4] = make_uint2(pk_bf16(s.x, s.y), pk_bf16(s.z, s.w));
+    }
+}
 "#;
 
 /// Longest sequence a decoder holds (the attention kernel keeps a row of scores in shared memory).
@@ -301,6 +532,70 @@ enum Lin {
     /// an MPO layer as its two halves (`linear::MpoHalves`): Z = X Rᵀ into the decoder's
     /// `mpo_z`, then y = L Z, both cuBLAS GEMMs
     Mpo(MpoHalves),
+    /// an MPO layer at batch 1 in one launch of `step_mpof` (partials into the decoder's
+    /// `mpo_part`), then `step_mpo_sum`
+    MpoFused(MpoFused),
+}
+
+/// An MPO layer in the fused kernel's layout, with its launch shape.
+struct MpoFused {
+    f: MpoFusedLayout,
+    /// the kernel compiled for its loop counts (`step_mpof_NK_MT`)
+    name: String,
+    grid: u32,
+    slots: u32,
+    smem: u32,
+}
+
+/// Whether later decoders run MPO layers at batch 1 in the fused kernel (`COMPACTOR_MPO_FUSED=0`:
+/// the two cuBLAS GEMMs instead).
+static MPO_FUSED: Switch = Switch::new("COMPACTOR_MPO_FUSED");
+
+/// Turns the fused MPO kernel on or off for later decoders.
+pub fn set_mpo_fused(on: bool) {
+    MPO_FUSED.set(on)
+}
+
+/// `halves` as one `step_mpof` launch where the kernel takes its shapes (see STEP_SRC) on this
+/// GPU (sm_90+, enough shared memory), else `None`.
+fn mpo_fused(halves: &MpoHalves) -> crate::Result<Option<MpoFused>> {
+    use cudarc::driver::sys::{CUdevice_attribute as A, CUfunction_attribute as F};
+    const CW: usize = 8; // MF_CW
+    let candle_core::Device::Cuda(dev) = halves.l.device() else { return Ok(None) };
+    let up = |v: usize, m: usize| v.div_ceil(m) * m;
+    let (i1p, i2p) = (up(halves.i1, 16), up(halves.i2, 16));
+    // warps per i2 tile (S), each taking NK k steps of j1: J1p padded to a multiple of 16·S
+    let tiles = i2p / 16;
+    let splits = (CW / tiles).min(up(halves.j1, 16) / 16);
+    let cc = dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0);
+    if !MPO_FUSED.get() || cc < 9 || tiles > CW || splits == 0 || i1p > 16 * 8 || halves.j2 % 8 != 0 || (halves.i1 * halves.i2) % 4 != 0 {
+        return Ok(None);
+    }
+    let (j1p, mt) = (up(halves.j1, 16 * splits), i1p / 16);
+    let nk = j1p / 16 / splits;
+    if nk > 4 {
+        return Ok(None);
+    }
+    let f = halves.fused_layout(16 * splits)?;
+    let name = format!("step_mpof_{nk}_{mt}");
+    let chunk = 2 * f.w.dim(1)?;
+    let fixed = 2 * j1p * (f.j2p + 8);
+    let func = kernel(dev, &name)?;
+    let ctx = dev.cuda_stream().context().clone();
+    let optin = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(ce("device attribute"))? as usize;
+    let most = optin.saturating_sub(func.get_attribute(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).map_err(ce("kernel attribute"))? as usize);
+    // chunks in flight per block (`COMPACTOR_MPO_SLOTS`): 4 decoded the synthetic Granite-8B's tt
+    // plan at 187.3 tok/s on an H200, 8 at 180.1, up to 16 (what fits) at 180.5
+    let max_slots = std::env::var("COMPACTOR_MPO_SLOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize);
+    let slots = (most.saturating_sub(fixed) / (chunk + 16)).min(max_slots).min(f.chi);
+    if slots < 2.min(f.chi) || slots * chunk < 4 * i1p * i2p {
+        return Ok(None);
+    }
+    let smem = slots * chunk + fixed + 16 * slots;
+    func.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, most as i32).map_err(ce("kernel attribute"))?;
+    let sms = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("device attribute"))? as usize;
+    let grid = sms.min(f.chi).max(1) as u32;
+    Ok(Some(MpoFused { f, name, grid, slots: slots as u32, smem: smem as u32 }))
 }
 
 struct Layer {
@@ -346,6 +641,8 @@ pub struct Decoder {
     fused: bool,
     /// bf16 scratch for the MPO layers' intermediate Z (`None` without MPO layers)
     mpo_z: Option<Tensor>,
+    /// f32 scratch for the fused MPO layers' partial sums (`None` without them)
+    mpo_part: Option<Tensor>,
     graph: Option<cudarc::driver::CudaGraph>,
     /// kernel kinds left out of the step (`COMPACTOR_STEP_SKIP`, comma-separated: norm, attend,
     /// silu, products, head): for timing what each costs only — the logits are then wrong
@@ -390,6 +687,11 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
             let Some(halves) = MpoHalves::new(cores)? else { return Ok(None) };
             if !usable(&[&halves.l, &halves.r], 8)? {
                 return Ok(None);
+            }
+            if batch == 1 {
+                if let Some(f) = mpo_fused(&halves)? {
+                    return Ok(Some(Lin::MpoFused(f)));
+                }
             }
             Some(Lin::Mpo(halves))
         }
@@ -530,9 +832,12 @@ impl Decoder {
         let mode = gemv_mode(batch);
         // one scratch for every MPO layer's Z (they run one after another on the stream)
         let z_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
-        let any_mpo = z_len > 0;
-        let mpo_z = if any_mpo { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
-        if mode == 0 || any_mpo {
+        let mpo_z = if z_len > 0 { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
+        // one f32 scratch for the fused MPO layers' partial sums
+        let part_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::MpoFused(m) = l { m.grid as usize * m.f.i1 * m.f.i2 } else { 0 }).max().unwrap_or(0);
+        let mpo_part = if part_len > 0 { Some(Tensor::zeros(part_len, DType::F32, device)?) } else { None };
+        let any_mpo = z_len > 0 || part_len > 0;
+        if mode == 0 || z_len > 0 {
             crate::gpu::cublas_workspace(dev)?;
         }
         let fused = fuse_enabled() && mode == 1 && batch <= FUSED_MAX_BATCH && !any_mpo && layers.iter().all(|l| pairable(&l.lins[4], &l.lins[5]));
@@ -547,6 +852,7 @@ impl Decoder {
             mode,
             fused,
             mpo_z,
+            mpo_part,
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
@@ -634,6 +940,17 @@ impl Decoder {
                     crate::gpu::cublas_product(&self.dev, self.batch * h.j1, &p)?;
                     crate::gpu::cublas_mpo_left(&self.dev, self.batch, l, z, y, h.i1, h.i2, h.j1 * h.chi)?;
                 }
+                Lin::MpoFused(m) => {
+                    use Arg::{I, P};
+                    let part = tensor_addr(self.mpo_part.as_ref().ok_or_else(|| crate::Error::Invalid("decoder: no MPO partials".into()))?)?;
+                    let f = &m.f;
+                    let dims = [f.i1, f.i2, f.j1, f.j2, f.i1p, f.i2p, f.j1p, f.j2p, f.chi, m.slots as usize].map(|v| I(v as i32));
+                    let mut args = vec![P(x), P(tensor_addr(&f.w)?), P(part)];
+                    args.extend(dims);
+                    self.launch(&m.name, (m.grid, 1), 32 * 9, m.smem, &args)?;
+                    let n = f.i1 * f.i2;
+                    self.launch("step_mpo_sum", (n.div_ceil(64) as u32, 1), 256, 0, &[P(part), P(y), I(n as i32), I(m.grid as i32)])?;
+                }
                 Lin::Dense { w, rows, cols } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols }),
                 Lin::LowRank { a, b, rows, rank, cols, t } => {
                     let t = tensor_addr(t)?;
@@ -681,7 +998,7 @@ impl Decoder {
                     second.push(p(*a, t, y, *rows, *rank));
                 }
                 // `Decoder::new` runs a model with MPO layers unfused
-                Lin::Mpo(_) => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),
+                Lin::Mpo(_) | Lin::MpoFused(_) => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),
             }
         }
         launch_fused(dev, nb, &first, &[], norm, if second.is_empty() { out } else { Out::Store })?;

@@ -297,6 +297,67 @@ impl MpoHalves {
     }
 }
 
+/// An MPO layer's halves laid out for the fused batch-1 decode kernel (`step_mpof` in
+/// `gpu_step`): one contiguous chunk per bond index a, R_a (|I₂′| × |J₂′|) then L_a
+/// (|I₁′| × |J₁′|), each zero-padded to whole 16 × 16 tensor-core tiles (the zeros add nothing to
+/// y), where R_a[i₂, j₂] = R[(a, i₂), j₂] and L_a[i₁, j₁] = L[i₁, (j₁, a)]. So y[i₁, i₂] =
+/// Σ_a Σ_j₁ L_a[i₁, j₁] Σ_j₂ R_a[i₂, j₂] x[j₁, j₂]. Within a tile whose rows hold a multiple of
+/// 8 sixteen-byte groups, group c of row r is stored at c ^ (r mod 8) ([`swizzle`]), so that the
+/// kernel's `ldmatrix` reads of 8 rows hit distinct shared-memory banks after a straight copy.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct MpoFusedLayout {
+    /// [χ][|I₂′|·|J₂′| + |I₁′|·|J₁′|]
+    pub w: Tensor,
+    pub i1: usize,
+    pub i2: usize,
+    pub j1: usize,
+    pub j2: usize,
+    pub i1p: usize,
+    pub i2p: usize,
+    pub j1p: usize,
+    pub j2p: usize,
+    pub chi: usize,
+}
+
+/// Where group `c` (8 values) of row `r` of a tile `cols` wide is stored (see [`MpoFusedLayout`]):
+/// an involution, so the same map reads it back.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn swizzle(r: usize, c: usize, cols: usize) -> usize {
+    if cols % 64 == 0 {
+        c ^ (r % 8)
+    } else {
+        c
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl MpoHalves {
+    /// The halves in the fused kernel's layout ([`MpoFusedLayout`]), on their device, |J₁| padded
+    /// to a multiple of `j1_align` (a multiple of 16).
+    pub(crate) fn fused_layout(&self, j1_align: usize) -> Result<MpoFusedLayout> {
+        let up = |v: usize, m: usize| v.div_ceil(m) * m;
+        let (chi, i1, i2, j1, j2) = (self.chi, self.i1, self.i2, self.j1, self.j2);
+        let (i1p, i2p, j1p, j2p) = (up(i1, 16), up(i2, 16), up(j1, j1_align), up(j2, 16));
+        let r = self.r.reshape((chi, i2, j2))?.pad_with_zeros(1, 0, i2p - i2)?.pad_with_zeros(2, 0, j2p - j2)?;
+        let l = self.l.reshape((i1, j1, chi))?.permute((2, 0, 1))?.pad_with_zeros(1, 0, i1p - i1)?.pad_with_zeros(2, 0, j1p - j1)?;
+        let (rs, ls) = (i2p * j2p, i1p * j1p);
+        let w = Tensor::cat(&[r.reshape((chi, rs))?, l.reshape((chi, ls))?], 1)?;
+        // the swizzle as a gather of 8-value groups (the same within every bond index's chunk)
+        let mut idx = Vec::with_capacity((rs + ls) / 8);
+        for (off, rows, cols) in [(0, i2p, j2p), (rs / 8, i1p, j1p)] {
+            for row in 0..rows {
+                for c in 0..cols / 8 {
+                    idx.push((off + row * cols / 8 + swizzle(row, c, cols)) as u32);
+                }
+            }
+        }
+        let idx = Tensor::from_vec(idx, (rs + ls) / 8, w.device())?;
+        let w = w.reshape((chi, (rs + ls) / 8, 8))?.index_select(&idx, 1)?.reshape((chi, rs + ls))?;
+        Ok(MpoFusedLayout { w, i1, i2, j1, j2, i1p, i2p, j1p, j2p, chi })
+    }
+}
+
 /// An MPO layer's halves (`MpoHalves`), made once, at its first decode step on the CPU (a few
 /// rows of input), where a cut pays (see `MpoHalves::new`). Per row they take
 /// χ·(|I₁||J₁||I₂| + |I₂||J₂||J₁|) multiply-adds: 0.54 G against 4.3 G site by site for a
@@ -585,6 +646,37 @@ mod tests {
             assert!(max_rel(&got, &want) < 1e-5, "{rows:?}: {}", max_rel(&got, &want));
             assert!(max_rel(&got, &dense) < 1e-5);
             assert!(h.params() <= core_values, "{} > {core_values}", h.params());
+        }
+        // the fused kernel's layout, read back as the kernel reads it (16 × 16 tiles, groups of 8
+        // swizzled in rows of 64 or more), contracted bond index by bond index
+        for (rows, cols, bonds) in [(vec![8, 8, 8, 8], vec![8, 8, 8, 8], vec![64, 40, 64]), (vec![6, 8, 4, 4], vec![4, 4, 4, 4], vec![24, 95, 16]), (vec![4, 5, 8, 2], vec![8, 8, 4, 4], vec![32, 30, 16])] {
+            let g = cores(&rows, &cols, &bonds);
+            let h = MpoHalves::new(&g).unwrap().unwrap();
+            let f = h.fused_layout(if rows[0] == 6 { 48 } else { 16 }).unwrap();
+            assert_eq!((f.i1p % 16, f.i2p % 16, f.j1p % 16, f.j2p % 16, f.w.dims()), (0, 0, 0, 0, &[h.chi, f.i2p * f.j2p + f.i1p * f.j1p][..]));
+            let w: Vec<Vec<f32>> = f.w.to_vec2().unwrap();
+            let read = |chunk: &[f32], r: usize, c: usize, cols: usize| chunk[r * cols + swizzle(r, c / 8, cols) * 8 + c % 8];
+            let x = Tensor::randn(0f32, 1f32, (1, h.j1 * h.j2), &Device::Cpu).unwrap();
+            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let mut y = vec![0f64; h.i1 * h.i2];
+            for wa in &w {
+                let (ra, la) = wa.split_at(f.i2p * f.j2p);
+                for i2 in 0..f.i2p {
+                    for j1 in 0..f.j1p {
+                        let z: f64 = (0..h.j2).map(|j2| read(ra, i2, j2, f.j2p) as f64 * if j1 < h.j1 { xv[j1 * h.j2 + j2] as f64 } else { 0.0 }).sum();
+                        for i1 in 0..f.i1p {
+                            let v = read(la, i1, j1, f.j1p) as f64 * z;
+                            if i1 < h.i1 && i2 < h.i2 {
+                                y[i1 * h.i2 + i2] += v;
+                            } else {
+                                assert_eq!(v, 0.0, "padding must add nothing");
+                            }
+                        }
+                    }
+                }
+            }
+            let y = Tensor::from_vec(y.iter().map(|&v| v as f32).collect::<Vec<_>>(), (1, h.i1 * h.i2), &Device::Cpu).unwrap();
+            assert!(max_rel(&y, &h.apply(&x).unwrap()) < 1e-5, "fused layout {rows:?}: {}", max_rel(&y, &h.apply(&x).unwrap()));
         }
         // the layer's forward takes the halves on the CPU, and drops them when the cores change
         let (rows, cols) = ([6, 8, 4, 4], [4, 4, 4, 4]);
