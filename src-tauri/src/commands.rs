@@ -668,6 +668,8 @@ pub struct PreviewRowOut {
     short: String,
     method: String,
     rank: usize,
+    /// every rank of the fit (see `pipeline::PreviewRow::ranks`)
+    ranks: Vec<usize>,
     dense_params: usize,
     params: usize,
     dense_bytes: usize,
@@ -722,6 +724,7 @@ pub async fn preview_plan(state: State<'_, AppState>, plan: serde_json::Value) -
                 name: r.name,
                 method: r.method,
                 rank: r.rank,
+                ranks: r.ranks,
                 dense_params: r.dense_params,
                 params: r.params,
                 dense_bytes,

@@ -37,7 +37,7 @@ export interface LayerView {
 export interface HeatValue { row: number; col: number; w: number; w_hat: number; err: number; block_rows: [number, number]; block_cols: [number, number]; block_max: number }
 
 export interface PreviewRow {
-  name: string; short: string; method: string; rank: number; dense_params: number; params: number; dense_bytes: number;
+  name: string; short: string; method: string; rank: number; ranks: number[]; dense_params: number; params: number; dense_bytes: number;
   bytes: number; predicted_error: number | null; energy: number | null; energy_rank: number;
 }
 export interface PlanPreview {

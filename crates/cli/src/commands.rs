@@ -181,9 +181,10 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&rows)?);
             return Ok(());
         }
-        println!("{:<40} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9}", "layer", "method", "rank", "dense", "params", "bytes", "pred.err");
+        println!("{:<40} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9}  ranks", "layer", "method", "rank", "dense", "params", "bytes", "pred.err");
         for r in &rows {
-            println!("{:<40} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9}", r.name, r.method, r.rank, r.dense_params, r.params, r.bytes, r.predicted_error.map(|e| format!("{e:.4}")).unwrap_or("-".into()));
+            let ranks: Vec<String> = r.ranks.iter().map(|k| k.to_string()).collect();
+            println!("{:<40} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9}  {}", r.name, r.method, r.rank, r.dense_params, r.params, r.bytes, r.predicted_error.map(|e| format!("{e:.4}")).unwrap_or("-".into()), ranks.join(","));
         }
         let (d, p, b): (usize, usize, usize) = rows.iter().fold((0, 0, 0), |acc, r| (acc.0 + r.dense_params, acc.1 + r.params, acc.2 + r.bytes));
         println!("total: {p} of {d} linear parameters ({:.1}%), {b} bytes", 100.0 * p as f64 / d.max(1) as f64);

@@ -786,7 +786,11 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
 pub struct PreviewRow {
     pub name: String,
     pub method: String,
+    /// The largest of `ranks` (for dense: min(m, n)).
     pub rank: usize,
+    /// The ranks the fit will take: [r] for svd, the bonds for tt, one per mode for Tucker, [R]
+    /// for cp; empty for dense (what `compress` then records in the manifest's layer entry).
+    pub ranks: Vec<usize>,
     pub dense_params: usize,
     pub params: usize,
     pub bytes: usize,
@@ -809,7 +813,7 @@ pub fn preview(source: &Path, plan: &Plan, with_errors: bool, progress: &dyn Pro
         let esize = ck.info(&format!("{}.weight", spec.name)).map(|i| i.nbytes() / (m * n).max(1)).unwrap_or(4);
         if r.method == Method::Dense {
             let bytes = match &r.quant { Some(q) => to_dc_quant(q).bytes_for(&[m, n]), None => m * n * esize };
-            rows.push(PreviewRow { name: spec.name.clone(), method: "dense".into(), rank: m.min(n), dense_params: m * n, params: m * n, bytes, predicted_error: Some(0.0) });
+            rows.push(PreviewRow { name: spec.name.clone(), method: "dense".into(), rank: m.min(n), ranks: Vec::new(), dense_params: m * n, params: m * n, bytes, predicted_error: Some(0.0) });
             progress.inc(1, "");
             continue;
         }
@@ -825,7 +829,7 @@ pub fn preview(source: &Path, plan: &Plan, with_errors: bool, progress: &dyn Pro
         } else {
             None
         };
-        rows.push(PreviewRow { name: spec.name.clone(), method: r.method.name().into(), rank, dense_params: m * n, params: p.params, bytes, predicted_error: err });
+        rows.push(PreviewRow { name: spec.name.clone(), method: r.method.name().into(), rank, ranks: p.ranks, dense_params: m * n, params: p.params, bytes, predicted_error: err });
         progress.inc(1, "");
     }
     progress.finish();

@@ -225,3 +225,41 @@ fn a_failing_fit_names_its_layer_and_leaves_no_output() {
     let rows = compactor_core::pipeline::preview(&model, &plan, false, &NoProgress).unwrap();
     assert!(rows.iter().all(|r| r.method == "cp" && r.rank <= 9879), "{:?}", rows.iter().map(|r| r.rank).collect::<Vec<_>>());
 }
+
+#[test]
+fn the_plan_preview_gives_the_ranks_and_sizes_the_fit_takes() {
+    // one layer per method at half its parameters, the rest dense
+    let plan: Plan = serde_json::from_str(
+        r#"{"version": 1, "default": {"method": "dense"}, "rules": [
+            {"match": "model.layers.0.*", "method": "tucker", "ratio": 0.5},
+            {"match": "model.layers.1.*", "method": "tt", "ratio": 0.5},
+            {"match": "model.layers.2.*", "method": "svd", "ratio": 0.5}]}"#,
+    )
+    .unwrap();
+    let rows = compactor_core::pipeline::preview(&fixture("granite-tiny"), &plan, false, &NoProgress).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let m = compress(&fixture("granite-tiny"), &plan, &out.path().join("m"), &CompressOptions::default(), &NoProgress).unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for l in &m.layers {
+        let r = rows.iter().find(|r| r.name == l.name).unwrap_or_else(|| panic!("{} not in the preview", l.name));
+        assert_eq!((r.method.as_str(), r.params), (l.method.as_str(), l.params), "{}", l.name);
+        if l.method != "dense" {
+            assert_eq!(r.ranks, l.ranks, "{}: the preview's ranks are the fit's", l.name);
+            assert_eq!(r.rank, *l.ranks.iter().max().unwrap(), "{}", l.name);
+        }
+        *seen.entry(l.method.clone()).or_insert(0usize) += 1;
+        // Tucker on 4 sites has a rank per interleaved mode; tt a bond between each pair of sites
+        let want = match l.method.as_str() {
+            "tucker" => 8,
+            "tt" => 3,
+            "svd" => 1,
+            _ => 0,
+        };
+        assert_eq!(r.ranks.len(), want, "{}: {:?}", l.name, r.ranks);
+    }
+    // the manifest lists the fitted layers; the preview also the dense ones, without ranks
+    assert_eq!(seen, [("svd".to_string(), 7), ("tt".to_string(), 7), ("tucker".to_string(), 7)].into_iter().collect());
+    let dense: Vec<_> = rows.iter().filter(|r| r.method == "dense").collect();
+    assert_eq!(dense.len(), rows.len() - 21);
+    assert!(dense.iter().all(|r| r.ranks.is_empty() && r.params == r.dense_params));
+}

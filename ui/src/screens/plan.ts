@@ -1,6 +1,6 @@
 // Plan editor: a budget, a method per layer group, per-layer overrides, and a live preview of
 // the predicted parameters, bytes and error (compactor_core::pipeline::preview).
-import { api } from "../api";
+import { api, type PreviewRow } from "../api";
 import { bytes, clear, count, h, METHOD_LABEL, num, pct, ROLE_LABEL } from "../dom";
 import { guard, header, navigate, notice, register, type Screen } from "../shell";
 import { draftFromPlan, planJson, ROLES, state, type MethodName, type Quant, type Role } from "../state";
@@ -155,6 +155,15 @@ async function savePlan(): Promise<void> {
   }
 }
 
+const RANKS_TITLE: Record<string, string> = { tt: "bond dimensions", tucker: "rank of each mode", cp: "components", svd: "rank" };
+
+/** The rank column: every rank of a fit that has more than one (tt bonds, Tucker modes), as the
+ * manifest will record them, else the one rank. */
+function rankCell(r: PreviewRow): HTMLElement {
+  const many = r.ranks.length > 1;
+  return h("td", { class: many ? "num mono" : "num", title: RANKS_TITLE[r.method] ?? "" }, many ? r.ranks.join("·") : String(r.rank));
+}
+
 function renderPreview(): void {
   const p = state.preview;
   if (!p) {
@@ -183,7 +192,7 @@ function renderPreview(): void {
         h(
           "tbody",
           null,
-          p.rows.map((r) => h("tr", null, h("td", { class: "mono" }, r.short), h("td", null, r.method), h("td", { class: "num" }, r.rank), h("td", { class: "num" }, count(r.params)), h("td", { class: "num" }, pct(r.params / r.dense_params, 0)), h("td", { class: "num" }, bytes(r.bytes)), h("td", { class: "num" }, num(r.predicted_error, 3)), h("td", { class: "num" }, pct(r.energy)))),
+          p.rows.map((r) => h("tr", null, h("td", { class: "mono" }, r.short), h("td", null, r.method), rankCell(r), h("td", { class: "num" }, count(r.params)), h("td", { class: "num" }, pct(r.params / r.dense_params, 0)), h("td", { class: "num" }, bytes(r.bytes)), h("td", { class: "num" }, num(r.predicted_error, 3)), h("td", { class: "num" }, pct(r.energy)))),
         ),
       ),
     ),
