@@ -282,7 +282,8 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
 }
 // ---- An MPO layer at batch 1 in one launch (sm_90+), then step_mpo_sum ----
 // Layout (`linear::MpoFusedLayout`): per bond index a one chunk, R_a (I2p × J2p) then L_a
-// (I1p × J1p), bf16, 16-byte groups swizzled (mf_off). y[i1, i2] = Σ_a Σ_j1 L_a[i1, j1] Z_a[i2, j1],
+// (I1p × J1p), bf16, 16-byte groups swizzled (`linear::swizzle`: group c of row r at c ^ (r mod 8)
+// in rows of a multiple of 64 values; rsw / lsw below). y[i1, i2] = Σ_a Σ_j1 L_a[i1, j1] Z_a[i2, j1],
 // Z_a[i2, j1] = Σ_j2 R_a[i2, j2] x[j1, j2]. Each block takes a contiguous range of bond indices;
 // a producer thread bulk-copies their chunks (cp.async.bulk, mbarrier completion) into a ring of
 // `slots` chunks, from before the wait for x (weights are never written), so the next layer's
@@ -306,11 +307,6 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
 #define MF_SKIP 0
 #endif
 __device__ __forceinline__ unsigned mf_saddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-// offset (bf16) of row r, column c (c % 8 == 0) in a tile `cols` wide (`linear::swizzle`)
-__device__ __forceinline__ int mf_off(int r, int c, int cols) {
-    const int g = c >> 3;
-    return r * cols + (((cols & 63) == 0 ? (g ^ (r & 7)) : g) << 3);
-}
 __device__ __forceinline__ unsigned pk_bf16(float lo, float hi) { return to_bf16(lo) | ((unsigned)to_bf16(hi) << 16); }
 __device__ __forceinline__ void ldsm4a(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
@@ -450,6 +446,8 @@ __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const
     }
     // the warps' sums into the ring (every chunk consumed), then this block's partial
     float* ys = (float*)mf_sm;
+    // the ring was written by bulk copies (the async proxy); order them before these generic writes
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     mf_bar();
     for (int r = 0; r < S; r++) {
         if (active && h == r) {
@@ -477,6 +475,8 @@ __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const
         const int i1 = e / I2;
         pb[e] = ys[i1 * I2p + e - i1 * I2];
     }
+#else
+    __trap();  // compiled out below sm_90: the host never launches it there
 #endif
 }
 #define MPOF(NK, MT)                                                                                        \
@@ -567,8 +567,8 @@ fn mpo_fused(halves: &MpoHalves) -> crate::Result<Option<MpoFused>> {
     // warps per i2 tile (S), each taking NK k steps of j1: J1p padded to a multiple of 16·S
     let tiles = i2p / 16;
     let splits = (CW / tiles).min(up(halves.j1, 16) / 16);
-    let cc = dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0);
-    if !MPO_FUSED.get() || cc < 9 || tiles > CW || splits == 0 || i1p > 16 * 8 || halves.j2 % 8 != 0 || (halves.i1 * halves.i2) % 4 != 0 {
+    // the kernel's body exists only in the sm_90 build of the module (see `gpu::gemv_ptx`)
+    if !MPO_FUSED.get() || !crate::gpu::pdl_capable(dev) || tiles > CW || splits == 0 || i1p > 16 * 8 || halves.j2 % 8 != 0 || (halves.i1 * halves.i2) % 4 != 0 {
         return Ok(None);
     }
     let (j1p, mt) = (up(halves.j1, 16 * splits), i1p / 16);
