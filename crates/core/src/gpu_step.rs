@@ -294,12 +294,13 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
 // L_a's columns of that j1 part by it without a trip through shared memory. The warps' sums
 // meet in shared memory at the end, and each block writes its partial y (f32, I1 × I2) to
 // part[block]; step_mpo_sum adds the partials up (no atomics: the blocks' sums all land on the
-// same few addresses, which serializes them). Grid ≤ min(SMs, chi), 32·(MF_CW + 1) threads.
+// same few addresses, which serializes them), or with tail > 0 the last `tail` blocks to finish
+// do (y, cnt: two u32 counters, zero between launches; `COMPACTOR_MPO_TAIL`, not yet measured). Grid ≤ min(SMs, chi), 32·(MF_CW + 1) threads.
 // Compiled for NK = J1p/16/S k steps of j1 per warp (S = min(MF_CW / T, J1p/16) warps per i2
 // tile, T = I2p/16 tiles; the layout pads J1p to a multiple of 16·S) and MT = I1p/16 row tiles
 // of L_a (step_mpof_NK_MT, NK ≤ 4, MT ≤ 8), so that its loops unroll whole. Requires J2 % 8 == 0;
 // dynamic shared memory: slots·chunk + J1p·(J2p + 8)·2 + 16·slots bytes, the ring at least
-// I1p·I2p·4 bytes (the warps' sums reuse it).
+// max(I1p·I2p·4, 4096) bytes (the warps' sums, then the tail's, reuse it).
 #define MF_CW 8
 // timing only (`COMPACTOR_GEMV_DEFINES`; y is then wrong): MF_SKIP=1 leaves out the tensor-core
 // phases (the chunks still stream in), 2 the copies too, 3 leaves out phase 2, 4 phase 1
@@ -333,7 +334,8 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity
 #endif
 template <int NK, int MT>
 __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
-    float* __restrict__ part, int I1, int I2, int J1, int J2, int I1p, int I2p, int J1p, int J2p, int chi, int slots) {
+    float* __restrict__ part, int I1, int I2, int J1, int J2, int I1p, int I2p, int J1p, int J2p, int chi, int slots,
+    unsigned short* __restrict__ y, unsigned* cnt, int tail) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char mf_sm[];
     const int rsz = I2p * J2p, csz = rsz + I1p * J1p, XS = J2p + 8;
@@ -475,6 +477,53 @@ __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const
         const int i1 = e / I2;
         pb[e] = ys[i1 * I2p + e - i1 * I2];
     }
+    if (tail == 0) return;
+    // the last `tail` blocks to get here add the partials up, each a slice of y, instead of a
+    // step_mpo_sum launch. Every block has started before any of them waits (all trigger the
+    // next launch at their start), so the wait cannot hold an SM another block needs.
+    __shared__ unsigned ticket;
+    __threadfence();
+    mf_bar();
+    if (threadIdx.x == 0) ticket = atomicAdd(&cnt[0], 1u);
+    mf_bar();
+    const int first = (int)gridDim.x - tail;
+    if ((int)ticket < first) return;
+    if (threadIdx.x == 0) {
+        unsigned seen;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(cnt) : "memory");
+        } while (seen < gridDim.x);
+        __threadfence();
+    }
+    mf_bar();
+    const int n4 = I1 * I2 / 4, j = (int)ticket - first, lo = (int)((long long)n4 * j / tail), hi4 = (int)((long long)n4 * (j + 1) / tail);
+    float4* red = (float4*)mf_sm;  // 16 × 16, the ring is free again
+    const int col = threadIdx.x & 15, grp = threadIdx.x >> 4;
+    for (int c0 = lo; c0 < hi4; c0 += 16) {
+        const int i4 = c0 + col;
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i4 < hi4) {
+            for (int p = grp; p < (int)gridDim.x; p += 16) {
+                const float4 v = __ldcg((const float4*)(part + (size_t)p * I1 * I2) + i4);
+                sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+            }
+        }
+        red[grp * 16 + col] = sum;
+        mf_bar();
+        if (grp == 0 && i4 < hi4) {
+            for (int k = 1; k < 16; k++) {
+                const float4 v = red[k * 16 + col];
+                sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+            }
+            ((uint2*)y)[i4] = make_uint2(pk_bf16(sum.x, sum.y), pk_bf16(sum.z, sum.w));
+        }
+        mf_bar();
+    }
+    // the last of them resets the counters for the next replay of the step
+    if (threadIdx.x == 0 && atomicAdd(&cnt[1], 1u) == (unsigned)tail - 1) {
+        cnt[0] = 0;
+        cnt[1] = 0;
+    }
 #else
     __trap();  // compiled out below sm_90: the host never launches it there
 #endif
@@ -482,8 +531,9 @@ __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const
 #define MPOF(NK, MT)                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * (MF_CW + 1), 1) step_mpof_##NK##_##MT(                 \
         const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, float* __restrict__ part, \
-        int I1, int I2, int J1, int J2, int I1p, int I2p, int J1p, int J2p, int chi, int slots) {            \
-        mpof<NK, MT>(x, w, part, I1, I2, J1, J2, I1p, I2p, J1p, J2p, chi, slots);                            \
+        int I1, int I2, int J1, int J2, int I1p, int I2p, int J1p, int J2p, int chi, int slots,              \
+        unsigned short* __restrict__ y, unsigned* cnt, int tail) {                                            \
+        mpof<NK, MT>(x, w, part, I1, I2, J1, J2, I1p, I2p, J1p, J2p, chi, slots, y, cnt, tail);             \
     }
 #define MPOF_MT(NK) MPOF(NK, 1) MPOF(NK, 2) MPOF(NK, 3) MPOF(NK, 4) MPOF(NK, 5) MPOF(NK, 6) MPOF(NK, 7) MPOF(NK, 8)
 MPOF_MT(1) MPOF_MT(2) MPOF_MT(3) MPOF_MT(4)
@@ -545,6 +595,10 @@ struct MpoFused {
     grid: u32,
     slots: u32,
     smem: u32,
+    /// blocks that add the partials up at the end of the launch (`COMPACTOR_MPO_TAIL`; 0: a
+    /// `step_mpo_sum` launch does), with their two counters (u32, zero between launches)
+    tail: u32,
+    cnt: Tensor,
 }
 
 /// Whether later decoders run MPO layers at batch 1 in the fused kernel (`COMPACTOR_MPO_FUSED=0`:
@@ -588,14 +642,17 @@ fn mpo_fused(halves: &MpoHalves) -> crate::Result<Option<MpoFused>> {
     // plan at 187.3 tok/s on an H200, 8 at 180.1, up to 16 (what fits) at 180.5
     let max_slots = std::env::var("COMPACTOR_MPO_SLOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize);
     let slots = (most.saturating_sub(fixed) / (chunk + 16)).min(max_slots).min(f.chi);
-    if slots < 2.min(f.chi) || slots * chunk < 4 * i1p * i2p {
+    if slots < 2.min(f.chi) || slots * chunk < (4 * i1p * i2p).max(4096) {
         return Ok(None);
     }
     let smem = slots * chunk + fixed + 16 * slots;
     func.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, most as i32).map_err(ce("kernel attribute"))?;
     let sms = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("device attribute"))? as usize;
     let grid = sms.min(f.chi).max(1) as u32;
-    Ok(Some(MpoFused { f, name, grid, slots: slots as u32, smem: smem as u32 }))
+    // not yet measured on a GPU: off unless asked for
+    let tail = std::env::var("COMPACTOR_MPO_TAIL").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0).min(grid);
+    let cnt = Tensor::zeros(2, DType::U32, halves.l.device())?;
+    Ok(Some(MpoFused { f, name, grid, slots: slots as u32, smem: smem as u32, tail, cnt }))
 }
 
 struct Layer {
@@ -947,9 +1004,12 @@ impl Decoder {
                     let dims = [f.i1, f.i2, f.j1, f.j2, f.i1p, f.i2p, f.j1p, f.j2p, f.chi, m.slots as usize].map(|v| I(v as i32));
                     let mut args = vec![P(x), P(tensor_addr(&f.w)?), P(part)];
                     args.extend(dims);
+                    args.extend([P(y), P(tensor_addr(&m.cnt)?), I(m.tail as i32)]);
                     self.launch(&m.name, (m.grid, 1), 32 * 9, m.smem, &args)?;
-                    let n = f.i1 * f.i2;
-                    self.launch("step_mpo_sum", (n.div_ceil(64) as u32, 1), 256, 0, &[P(part), P(y), I(n as i32), I(m.grid as i32)])?;
+                    if m.tail == 0 {
+                        let n = f.i1 * f.i2;
+                        self.launch("step_mpo_sum", (n.div_ceil(64) as u32, 1), 256, 0, &[P(part), P(y), I(n as i32), I(m.grid as i32)])?;
+                    }
                 }
                 Lin::Dense { w, rows, cols } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols }),
                 Lin::LowRank { a, b, rows, rank, cols, t } => {
