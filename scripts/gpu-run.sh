@@ -393,8 +393,8 @@ timeout 200 python3 scripts/bench_torch_spectra.py /tmp/g8b --methods svd --limi
 fi
 # F: issue 8's benchmark in one call: the synthetic Granite-8B, Compactor's spectra and both plans
 # (load -> compress -> save), PyTorch on the same matrices (torch.linalg.svd on the first SVD_LIMIT
-# matrices, extrapolated by shape), the ratios, then dense vs compressed decode (the svd plan and the
-# decode-aware plan scripts/plans/granite-8b-decode-50.json)
+# matrices, extrapolated by shape), the ratios, then dense vs compressed decode (the svd plan, the
+# decode-aware plan scripts/plans/granite-8b-decode-50.json and the tt plan)
 if [ "$PART" = F ]; then
 g8b; warm
 PLANS_TIMING=0 plans
@@ -416,6 +416,7 @@ for label, secs, ours in rows:
 PY
 step "Compactor decode-aware plan, 50.2 % of the linear parameters kept (scripts/plans/granite-8b-decode-50.json)"
 compress_once /tmp/g8b-decode --plan scripts/plans/granite-8b-decode-50.json
-DECODE_EXTRA=/tmp/g8b-decode PATHS=${PATHS:-fused} decode_full
+# the tt plan's model decodes too (MPO layers: fused at batch 1, two cuBLAS GEMMs above)
+DECODE_EXTRA="/tmp/g8b-decode /tmp/g8b-tt" PATHS=${PATHS:-fused} decode_full
 fi
 echo; echo "=== done $(date +%T)"
