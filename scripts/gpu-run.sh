@@ -182,9 +182,11 @@ done
 step "fused MPO kernel: synthetic Granite-8B, tt plan at 0.5"
 compress_once /tmp/g8b-tt --method tt --ratio 0.5
 timeout 200 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths ops,graph 2>&1 | grep -vE "^loaded"
-# MPO_ENVS: the environments compared (default: the cuBLAS path, and the partials added by the
-# launch's last 16 / 32 blocks instead of step_mpo_sum); MPO_PATHS=ops,graph adds the agreement
-for e in ${MPO_ENVS:-COMPACTOR_MPO_FUSED=0 COMPACTOR_MPO_TAIL=16 COMPACTOR_MPO_TAIL=32}; do
+# MPO_ENVS: the environments compared, "/" joining two settings (default: the cuBLAS path; the
+# partials added by the launch's last 16 / 32 blocks instead of step_mpo_sum; the same with rings
+# of 2 slots, small enough for two launches' blocks to share an SM); MPO_PATHS=ops,graph adds the
+# agreement
+for e in ${MPO_ENVS:-COMPACTOR_MPO_FUSED=0 COMPACTOR_MPO_TAIL=16 COMPACTOR_MPO_TAIL=32 COMPACTOR_MPO_TAIL=16/COMPACTOR_MPO_SLOTS=2}; do
   step "g8b tt, step graph, under $e"
   env ${e//\// } timeout 150 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths ${MPO_PATHS:-graph} 2>&1 | grep -vE "^loaded"
 done
