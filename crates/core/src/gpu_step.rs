@@ -308,12 +308,11 @@ extern "C" __global__ void step_logits(const unsigned short* l, float* out, int 
 #define MF_SKIP 0
 #endif
 __device__ __forceinline__ unsigned mf_saddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ unsigned pk_bf16(float lo, float hi) { return to_bf16(lo) | ((unsigned)to_bf16(hi) << 16); }
 __device__ __forceinline__ void ldsm4a(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
 }
 // two floats rounded to bf16 (nearest even) in one register, lo in the low half
-__device__ __forceinline__ unsigned cvt_bf16x2(float lo, float hi) {
+__device__ __forceinline__ unsigned pk_bf16(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
@@ -332,6 +331,33 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity
         asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}" : "=r"(ok) : "r"(mf_saddr(b)), "r"(parity) : "memory");
 }
 #endif
+// y[i4] (4 bf16 values) for float4 columns lo ≤ i4 < hi = Σ of `parts` partials (f32, parts × n)
+// of step_mpof, by 256 threads: 16 columns × 16 partial groups at a time, the groups' sums meeting
+// in `red` (16 × 16); BAR: the barrier of those 256 threads
+template <typename BAR>
+__device__ __forceinline__ void mpo_sum(const float* __restrict__ part, unsigned short* __restrict__ y, int n, int parts, int lo, int hi, float4* red, BAR bar) {
+    const int col = threadIdx.x & 15, grp = threadIdx.x >> 4;
+    for (int c0 = lo; c0 < hi; c0 += 16) {
+        const int i4 = c0 + col;
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i4 < hi) {
+            for (int p = grp; p < parts; p += 16) {
+                const float4 v = __ldcg((const float4*)(part + (size_t)p * n) + i4);
+                sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+            }
+        }
+        red[grp * 16 + col] = sum;
+        bar();
+        if (grp == 0 && i4 < hi) {
+            for (int k = 1; k < 16; k++) {
+                const float4 v = red[k * 16 + col];
+                sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+            }
+            ((uint2*)y)[i4] = make_uint2(pk_bf16(sum.x, sum.y), pk_bf16(sum.z, sum.w));
+        }
+        bar();
+    }
+}
 template <int NK, int MT>
 __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
     float* __restrict__ part, int I1, int I2, int J1, int J2, int I1p, int I2p, int J1p, int J2p, int chi, int slots,
@@ -430,8 +456,8 @@ __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const
 #pragma unroll
             for (int q = 0; q < NK; q++) {
                 if (MF_SKIP != 3) {
-                    const unsigned p00 = cvt_bf16x2(zc[q][0][0], zc[q][0][1]), p01 = cvt_bf16x2(zc[q][1][0], zc[q][1][1]);
-                    const unsigned p10 = cvt_bf16x2(zc[q][0][2], zc[q][0][3]), p11 = cvt_bf16x2(zc[q][1][2], zc[q][1][3]);
+                    const unsigned p00 = pk_bf16(zc[q][0][0], zc[q][0][1]), p01 = pk_bf16(zc[q][1][0], zc[q][1][1]);
+                    const unsigned p10 = pk_bf16(zc[q][0][2], zc[q][0][3]), p11 = pk_bf16(zc[q][1][2], zc[q][1][3]);
                     const unsigned la = ca + l_q[q];
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
@@ -455,18 +481,16 @@ __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const
         if (active && h == r) {
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
-                {
 #pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        float2* p0 = (float2*)(ys + (mt * 16 + g) * I2p + m * 16 + j * 8 + 2 * t);
-                        float2* p1 = p0 + 4 * I2p;
-                        float2 v0 = make_float2(yc[mt][j][0], yc[mt][j][1]), v1 = make_float2(yc[mt][j][2], yc[mt][j][3]);
-                        if (r) {
-                            v0.x += p0->x; v0.y += p0->y; v1.x += p1->x; v1.y += p1->y;
-                        }
-                        *p0 = v0;
-                        *p1 = v1;
+                for (int j = 0; j < 2; j++) {
+                    float2* p0 = (float2*)(ys + (mt * 16 + g) * I2p + m * 16 + j * 8 + 2 * t);
+                    float2* p1 = p0 + 4 * I2p;
+                    float2 v0 = make_float2(yc[mt][j][0], yc[mt][j][1]), v1 = make_float2(yc[mt][j][2], yc[mt][j][3]);
+                    if (r) {
+                        v0.x += p0->x; v0.y += p0->y; v1.x += p1->x; v1.y += p1->y;
                     }
+                    *p0 = v0;
+                    *p1 = v1;
                 }
             }
         }
@@ -496,29 +520,9 @@ __device__ __forceinline__ void mpof(const unsigned short* __restrict__ x, const
         __threadfence();
     }
     mf_bar();
-    const int n4 = I1 * I2 / 4, j = (int)ticket - first, lo = (int)((long long)n4 * j / tail), hi4 = (int)((long long)n4 * (j + 1) / tail);
-    float4* red = (float4*)mf_sm;  // 16 × 16, the ring is free again
-    const int col = threadIdx.x & 15, grp = threadIdx.x >> 4;
-    for (int c0 = lo; c0 < hi4; c0 += 16) {
-        const int i4 = c0 + col;
-        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (i4 < hi4) {
-            for (int p = grp; p < (int)gridDim.x; p += 16) {
-                const float4 v = __ldcg((const float4*)(part + (size_t)p * I1 * I2) + i4);
-                sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
-            }
-        }
-        red[grp * 16 + col] = sum;
-        mf_bar();
-        if (grp == 0 && i4 < hi4) {
-            for (int k = 1; k < 16; k++) {
-                const float4 v = red[k * 16 + col];
-                sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
-            }
-            ((uint2*)y)[i4] = make_uint2(pk_bf16(sum.x, sum.y), pk_bf16(sum.z, sum.w));
-        }
-        mf_bar();
-    }
+    const int n4 = I1 * I2 / 4, j = (int)ticket - first;
+    // the ring is free again: it holds the 16 × 16 group sums
+    mpo_sum(part, y, I1 * I2, (int)gridDim.x, (int)((long long)n4 * j / tail), (int)((long long)n4 * (j + 1) / tail), (float4*)mf_sm, [] { mf_bar(); });
     // the last of them resets the counters for the next replay of the step
     if (threadIdx.x == 0 && atomicAdd(&cnt[1], 1u) == (unsigned)tail - 1) {
         cnt[0] = 0;
@@ -540,25 +544,9 @@ MPOF_MT(1) MPOF_MT(2) MPOF_MT(3) MPOF_MT(4)
 // y (bf16, n values, n % 4 == 0) = Σ of `parts` partials (f32, parts × n) of step_mpof. Grid:
 // ceil(n / 64), 256 threads: 16 float4 columns × 16 partial groups per block.
 extern "C" __global__ void step_mpo_sum(const float* __restrict__ part, unsigned short* __restrict__ y, int n, int parts) {
-    __shared__ float4 red[16][16];
+    __shared__ float4 red[16 * 16];
     pdl_launch_next(); pdl_wait();
-    const int c = threadIdx.x & 15, grp = threadIdx.x >> 4, i4 = blockIdx.x * 16 + c;
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (4 * i4 < n) {
-        for (int p = grp; p < parts; p += 16) {
-            const float4 v = __ldcg((const float4*)(part + (size_t)p * n) + i4);
-            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-        }
-    }
-    red[grp][c] = s;
-    __syncthreads();
-    if (grp == 0 && 4 * i4 < n) {
-        for (int k = 1; k < 16; k++) {
-            const float4 v = red[k][c];
-            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-        }
-        ((uint2*)y)[i4] = make_uint2(pk_bf16(s.x, s.y), pk_bf16(s.z, s.w));
-    }
+    mpo_sum(part, y, n, parts, (int)blockIdx.x * 16, min((int)blockIdx.x * 16 + 16, n / 4), red, [] { __syncthreads(); });
 }
 "#;
 
@@ -616,31 +604,30 @@ fn mpo_fused(halves: &MpoHalves) -> crate::Result<Option<MpoFused>> {
     use cudarc::driver::sys::{CUdevice_attribute as A, CUfunction_attribute as F};
     const CW: usize = 8; // MF_CW
     let candle_core::Device::Cuda(dev) = halves.l.device() else { return Ok(None) };
-    let up = |v: usize, m: usize| v.div_ceil(m) * m;
-    let (i1p, i2p) = (up(halves.i1, 16), up(halves.i2, 16));
+    let (i1p, i2p) = (halves.i1.next_multiple_of(16), halves.i2.next_multiple_of(16));
     // warps per i2 tile (S), each taking NK k steps of j1: J1p padded to a multiple of 16·S
     let tiles = i2p / 16;
-    let splits = (CW / tiles).min(up(halves.j1, 16) / 16);
+    let splits = (CW / tiles).min(halves.j1.div_ceil(16));
     // the kernel's body exists only in the sm_90 build of the module (see `gpu::gemv_ptx`)
     if !MPO_FUSED.get() || !crate::gpu::pdl_capable(dev) || tiles > CW || splits == 0 || i1p > 16 * 8 || halves.j2 % 8 != 0 || (halves.i1 * halves.i2) % 4 != 0 {
         return Ok(None);
     }
-    let (j1p, mt) = (up(halves.j1, 16 * splits), i1p / 16);
-    let nk = j1p / 16 / splits;
+    let nk = halves.j1.next_multiple_of(16 * splits) / 16 / splits;
     if nk > 4 {
         return Ok(None);
     }
     let f = halves.fused_layout(16 * splits)?;
-    let name = format!("step_mpof_{nk}_{mt}");
+    let name = format!("step_mpof_{nk}_{}", f.i1p / 16);
     let chunk = 2 * f.w.dim(1)?;
-    let fixed = 2 * j1p * (f.j2p + 8);
+    let fixed = 2 * f.j1p * (f.j2p + 8);
     let func = kernel(dev, &name)?;
     let ctx = dev.cuda_stream().context().clone();
     let optin = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(ce("device attribute"))? as usize;
     let most = optin.saturating_sub(func.get_attribute(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).map_err(ce("kernel attribute"))? as usize);
     // chunks in flight per block (`COMPACTOR_MPO_SLOTS`): 4 decoded the synthetic Granite-8B's tt
     // plan at 187.3 tok/s on an H200, 8 at 180.1, up to 16 (what fits) at 180.5
-    let max_slots = std::env::var("COMPACTOR_MPO_SLOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize);
+    static SLOTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let max_slots = crate::gpu::env_usize("COMPACTOR_MPO_SLOTS", &SLOTS, 4);
     let slots = (most.saturating_sub(fixed) / (chunk + 16)).min(max_slots).min(f.chi);
     if slots < 2.min(f.chi) || slots * chunk < (4 * i1p * i2p).max(4096) {
         return Ok(None);
@@ -650,7 +637,8 @@ fn mpo_fused(halves: &MpoHalves) -> crate::Result<Option<MpoFused>> {
     let sms = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(ce("device attribute"))? as usize;
     let grid = sms.min(f.chi).max(1) as u32;
     // not yet measured on a GPU: off unless asked for
-    let tail = std::env::var("COMPACTOR_MPO_TAIL").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0).min(grid);
+    static TAIL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let tail = (crate::gpu::env_usize("COMPACTOR_MPO_TAIL", &TAIL, 0) as u32).min(grid);
     let cnt = Tensor::zeros(2, DType::U32, halves.l.device())?;
     Ok(Some(MpoFused { f, name, grid, slots: slots as u32, smem: smem as u32, tail, cnt }))
 }
@@ -888,10 +876,11 @@ impl Decoder {
         };
         let mode = gemv_mode(batch);
         // one scratch for every MPO layer's Z (they run one after another on the stream)
-        let z_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
+        let all_lins = || std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins));
+        let z_len = all_lins().map(|l| if let Lin::Mpo(h) = l { batch * h.j1 * h.chi * h.i2 } else { 0 }).max().unwrap_or(0);
         let mpo_z = if z_len > 0 { Some(Tensor::zeros(z_len, DType::BF16, device)?) } else { None };
         // one f32 scratch for the fused MPO layers' partial sums
-        let part_len = std::iter::once(&lm_head).chain(layers.iter().flat_map(|l| &l.lins)).map(|l| if let Lin::MpoFused(m) = l { m.grid as usize * m.f.i1 * m.f.i2 } else { 0 }).max().unwrap_or(0);
+        let part_len = all_lins().map(|l| if let Lin::MpoFused(m) = l { m.grid as usize * m.f.i1 * m.f.i2 } else { 0 }).max().unwrap_or(0);
         let mpo_part = if part_len > 0 { Some(Tensor::zeros(part_len, DType::F32, device)?) } else { None };
         let any_mpo = z_len > 0 || part_len > 0;
         if mode == 0 || z_len > 0 {

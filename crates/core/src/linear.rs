@@ -336,9 +336,8 @@ impl MpoHalves {
     /// The halves in the fused kernel's layout ([`MpoFusedLayout`]), on their device, |J₁| padded
     /// to a multiple of `j1_align` (a multiple of 16).
     pub(crate) fn fused_layout(&self, j1_align: usize) -> Result<MpoFusedLayout> {
-        let up = |v: usize, m: usize| v.div_ceil(m) * m;
         let (chi, i1, i2, j1, j2) = (self.chi, self.i1, self.i2, self.j1, self.j2);
-        let (i1p, i2p, j1p, j2p) = (up(i1, 16), up(i2, 16), up(j1, j1_align), up(j2, 16));
+        let (i1p, i2p, j1p, j2p) = (i1.next_multiple_of(16), i2.next_multiple_of(16), j1.next_multiple_of(j1_align), j2.next_multiple_of(16));
         let r = self.r.reshape((chi, i2, j2))?.pad_with_zeros(1, 0, i2p - i2)?.pad_with_zeros(2, 0, j2p - j2)?;
         let l = self.l.reshape((i1, j1, chi))?.permute((2, 0, 1))?.pad_with_zeros(1, 0, i1p - i1)?.pad_with_zeros(2, 0, j1p - j1)?;
         let (rs, ls) = (i2p * j2p, i1p * j1p);
