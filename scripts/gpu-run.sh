@@ -5,7 +5,7 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
 #   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
-#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused batch-1 MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_prof (Nsight Compute on it, timing-only variants), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused batch-1 MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_prof (Nsight Compute on it, timing-only variants), int8 (int8 factors decoded from their codes), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
@@ -207,6 +207,32 @@ for e in - ${MPO_PARTS:-COMPACTOR_GEMV_DEFINES=MF_SKIP=1 COMPACTOR_GEMV_DEFINES=
   step "g8b ($L layers) tt, fused MPO kernel, $e"
   env ${e#-} timeout 150 $B bench decode /tmp/g8b /tmp/g8b-tt --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1 --paths graph 2>&1 | grep -E "g8b|error"
 done
+}
+# int8: symmetric int8 factors (group 64) decoded from their codes by the GEMV_W8 kernels, against
+# candle ops (which dequantize them at every call: an independent reference) and against the same
+# factors dequantized to bf16 on load (COMPACTOR_INT8_DECODE=0). granite-tiny (trained weights):
+# agreement and greedy tokens; then the synthetic Granite-8B's svd plan at 0.5 with int8 factors
+# beside the dense and bf16 svd models (agreement, batch 1 and 16); INT8_DENSE=1 adds the dense
+# model quantized to int8 (a host fit, minutes)
+int8() {
+step "int8 decode: granite-tiny, svd 0.5 with int8 factors and the dense model in int8"
+[ -d /tmp/gt-svd-i8 ] || timeout 100 $B compress $G --method svd --ratio 0.5 --quant int8 --device cuda --out /tmp/gt-svd-i8 > /dev/null
+[ -d /tmp/gt-i8 ] || timeout 100 $B compress $G --method dense --quant int8 --device cuda --out /tmp/gt-i8 > /dev/null
+timeout 150 $B bench decode $G /tmp/gt-svd-i8 /tmp/gt-i8 --device cuda --dtype bf16 --prompt-tokens 32 --tokens 32 --repeats 2 --batch 1,16 --paths ops,fused 2>&1 | grep -vE "^loaded"
+for v in /tmp/gt-svd-i8 /tmp/gt-i8; do for e in COMPACTOR_STEP_GRAPH=0 COMPACTOR_INT8_DECODE=0 COMPACTOR_INT8_DECODE=1; do
+  env $e timeout 60 $B generate $v --prompt "It was a dark and stormy night" --max-tokens 24 --device cuda --dtype bf16 2>/dev/null | tail -1 | sed "s|^|$e $(basename $v): |"
+done; done
+step "int8 decode: synthetic Granite-8B, svd 0.5 with int8 factors"
+[ -f /tmp/g8b-svd-i8/compactor.json ] || /usr/bin/time -f "svd 0.5 int8 plan, load -> compress -> save: %e s" timeout 200 $B compress /tmp/g8b --method svd --ratio 0.5 --quant int8 --device cuda --out /tmp/g8b-svd-i8
+compress_once /tmp/g8b-svd --method svd --ratio 0.5
+I8=/tmp/g8b-svd-i8
+if [ "${INT8_DENSE:-0}" = 1 ]; then [ -f /tmp/g8b-i8/compactor.json ] || /usr/bin/time -f "dense int8, load -> quantize -> save: %e s" timeout 300 $B compress /tmp/g8b --method dense --quant int8 --device cuda --out /tmp/g8b-i8; I8="$I8 /tmp/g8b-i8"; fi
+timeout 400 $B bench decode /tmp/g8b /tmp/g8b-svd $I8 --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch ${INT8_BATCH:-1,16} --paths ${INT8_PATHS:-ops,fused} 2>&1 | grep -vE "^loaded"
+}
+# svd_i8: the svd plan at 0.5 with int8 factors (for decode_env / decode_same)
+svd_i8() {
+step "Compactor svd plan at 0.5, int8 factors (for decode)"
+compress_once /tmp/g8b-svd-i8 --method svd --ratio 0.5 --quant int8
 }
 # aware: the decode-aware plan at half the parameters (scripts/plans/granite-8b-decode-50.json)
 aware() {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs) and the band kernels (BAND_SRC in
+"""Compiles the decode kernels (GEMV_SRC in crates/core/src/gpu.rs + STEP_SRC in gpu_step.rs; GEMV_SRC with GEMV_W8) and the band kernels (BAND_SRC in
 gpu_band.rs, a module of their own) with
 NVRTC, as the CUDA binary does at run time on the GPU machine (decode: compute_90 on sm_90+ GPUs,
 compute_80 on older ones), so that a kernel
@@ -49,6 +49,9 @@ def check(src, name, arch):
 
 lib = ctypes.CDLL(sys.argv[1])
 decode = os.environ.get("NVRTC_DEFINES", "") + raw("crates/core/src/gpu.rs", "const GEMV_SRC") + raw("crates/core/src/gpu_step.rs", "pub(crate) const STEP_SRC")
+# the int8-weight module: GEMV_SRC alone with GEMV_W8 (gpu::gemv_ptx)
+decode_w8 = os.environ.get("NVRTC_DEFINES", "") + "#define GEMV_W8 1\n" + raw("crates/core/src/gpu.rs", "const GEMV_SRC")
 for arch in ("compute_90", "compute_80"):
     check(decode, "decode.cu", arch)
+    check(decode_w8, "decode_w8.cu", arch)
 check(raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC"), "band.cu", "compute_80")

@@ -191,6 +191,11 @@ impl WeightSource for CompressedModel {
             }
         }
         match self.factorization(prefix)? {
+            // symmetric int8 factors stay codes where the decode kernels read them
+            Some(f) if device.is_cuda() && dtype == DType::BF16 => match crate::linear::int8_linear(&f, bias.clone(), device)? {
+                Some(l) => Ok(l),
+                None => Ok(from_factorization(&f, bias, dtype, device)?),
+            },
             Some(f) => Ok(from_factorization(&f, bias, dtype, device)?),
             None => Ok(Linear::dense(self.tensor(&format!("{prefix}.weight"), dtype, device)?, bias)),
         }

@@ -16,7 +16,7 @@
 //! each kernel's start with the previous one's tail. The products run one after another in
 //! stream order, as a model's would (each kernel waits for the previous one).
 
-use crate::gpu::{ce, launch_products, tensor_addr as addr, Product};
+use crate::gpu::{ce, launch_products, tensor_addr as addr, Product, Q8};
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 
@@ -119,11 +119,11 @@ impl Stack {
             let sum_m: usize = g.rows.iter().sum();
             if g.ranks.is_empty() {
                 if grouped {
-                    out.push(vec![Product { w, x, y, rows: sum_m, cols: g.n, ldx: g.n }]);
+                    out.push(vec![Product { w, x, y, rows: sum_m, cols: g.n, ldx: g.n, q: Q8::BF16 }]);
                 } else {
                     let mut off = 0;
                     for &m in &g.rows {
-                        out.push(vec![Product { w: w + 2 * (off * g.n) as u64, x, y: y + 2 * (b * off) as u64, rows: m, cols: g.n, ldx: g.n }]);
+                        out.push(vec![Product { w: w + 2 * (off * g.n) as u64, x, y: y + 2 * (b * off) as u64, rows: m, cols: g.n, ldx: g.n, q: Q8::BF16 }]);
                         off += m;
                     }
                 }
@@ -131,7 +131,7 @@ impl Stack {
             }
             let (a, t) = (addr(g.a.as_ref().expect("low rank"))?, addr(g.t.as_ref().expect("low rank"))?);
             let sum_r: usize = g.ranks.iter().sum();
-            let first = Product { w, x, y: t, rows: sum_r, cols: g.n, ldx: g.n };
+            let first = Product { w, x, y: t, rows: sum_r, cols: g.n, ldx: g.n, q: Q8::BF16 };
             if grouped {
                 out.push(vec![first]);
             }
@@ -141,12 +141,12 @@ impl Stack {
                 let y_i = y + 2 * (b * off_m) as u64;
                 let a_i = a + 2 * off_a as u64;
                 if grouped {
-                    second.push(Product { w: a_i, x: t + 2 * off_r as u64, y: y_i, rows: m, cols: r, ldx: sum_r });
+                    second.push(Product { w: a_i, x: t + 2 * off_r as u64, y: y_i, rows: m, cols: r, ldx: sum_r, q: Q8::BF16 });
                 } else {
                     // its own b × r block of the intermediate
                     let t_i = t + 2 * (b * off_r) as u64;
-                    out.push(vec![Product { w: w + 2 * (off_r * g.n) as u64, x, y: t_i, rows: r, cols: g.n, ldx: g.n }]);
-                    out.push(vec![Product { w: a_i, x: t_i, y: y_i, rows: m, cols: r, ldx: r }]);
+                    out.push(vec![Product { w: w + 2 * (off_r * g.n) as u64, x, y: t_i, rows: r, cols: g.n, ldx: g.n, q: Q8::BF16 }]);
+                    out.push(vec![Product { w: a_i, x: t_i, y: y_i, rows: m, cols: r, ldx: r, q: Q8::BF16 }]);
                 }
                 off_m += m;
                 off_r += r;

@@ -525,6 +525,7 @@ pub fn tensor_addr(t: &Tensor) -> CResult<u64> {
         DType::BF16 => addr(dev, &c.as_cuda_slice::<bf16>()?.slice(..)),
         DType::F16 => addr(dev, &c.as_cuda_slice::<half::f16>()?.slice(..)),
         DType::U32 => addr(dev, &c.as_cuda_slice::<u32>()?.slice(..)),
+        DType::U8 => addr(dev, &c.as_cuda_slice::<u8>()?.slice(..)),
         other => candle_core::bail!("tensor_addr: dtype {other:?}"),
     };
     Ok(base + (l.start_offset() * t.dtype().size_in_bytes()) as u64)
@@ -829,8 +830,10 @@ __device__ __forceinline__ void pdl_launch_next() {
 // are numbered consecutively over the products, product i starting at block first_block.
 // The fused kinds (the decode step graph's) also use w2/x2 (a pair's second row: row j of w2
 // times x2), nw (norm weights) and s, eps (see `gemv`).
+// With int8 weights (the `_w8` module, GEMV_W8 defined) sc / sc2 are the f32 scales of w / w2,
+// one per group of 2^gs columns, sg groups a row.
 struct Seg { const void* w; const void* x; unsigned short* y; int rows; int cols; int ldx; int split; int first_block; int pad;
-             const void* w2; const void* x2; const void* nw; float s; float eps; };
+             const void* w2; const void* x2; const void* nw; float s; float eps; const float* sc; const float* sc2; int gs; int sg; };
 struct Segs { Seg s[4]; int n; int batch; };
 __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
     int i = 0;
@@ -838,28 +841,39 @@ __device__ __forceinline__ const Seg& seg_of(const Segs& g, int id, int& blk) {
     blk = id - g.s[i].first_block;
     return g.s[i];
 }
-// acc[r][b] += Σ_k w_r[k] x'_{r,b}[k] over the 8 columns of chunk v (w_r: that chunk of row r),
-// where x' is x (every row), or x ⊙ nw with ss[b] += Σ x² (NORM), or row r's own x (SEPX).
+// A chunk of a row's weights is one 16-byte load: 8 bf16 columns, or (GEMV_W8) 16 int8 codes in
+// offset binary (q + 128) whose group scale multiplies the chunk's dot product (w = scale · q,
+// symmetric; a group holds whole chunks). CSH: log2 of the columns of a chunk.
+#ifdef GEMV_W8
+#define CSH 4
+#else
+#define CSH 3
+#endif
+// code byte k placed under the exponent of 2^23 is the float 2^23 + q + 128, exactly
+__device__ __forceinline__ float code_at(unsigned v, unsigned sel) { return __uint_as_float(__byte_perm(v, 0x4b000000u, sel)) - 8388736.f; }
+__device__ __forceinline__ void unpack_codes(unsigned lo, unsigned hi, float* f) {
+    f[0] = code_at(lo, 0x7540); f[1] = code_at(lo, 0x7541); f[2] = code_at(lo, 0x7542); f[3] = code_at(lo, 0x7543);
+    f[4] = code_at(hi, 0x7540); f[5] = code_at(hi, 0x7541); f[6] = code_at(hi, 0x7542); f[7] = code_at(hi, 0x7543);
+}
+// acc[r][b] += Σ_k wf[r][k] x'_{r,b}[k] over the 8 columns of x chunk xv (8 bf16 columns), where x'
+// is x (every row), or x ⊙ nw with ss[b] += Σ x² (NORM), or row r's own x (SEPX).
 template <int B, int R, bool NORM, bool SEPX>
-__device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* const (&xr)[R], const uint4* nw, int ldx8, int v, float (&acc)[R][B], float (&ss)[B]) {
-    float wf[R][8];
-#pragma unroll
-    for (int r = 0; r < R; r++) unpack8(wv[r], wf[r]);
+__device__ __forceinline__ void fma8(const float (&wf)[R][8], const uint4* const (&xr)[R], const uint4* nw, int ldx8, int xv, float (&acc)[R][B], float (&ss)[B]) {
     float nf[8];
-    if (NORM) unpack8(__ldg(nw + v), nf);
+    if (NORM) unpack8(__ldg(nw + xv), nf);
 #pragma unroll
     for (int b = 0; b < B; b++) {
         if (SEPX) {
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float xf[8];
-                unpack8(__ldg(xr[r] + (size_t)b * ldx8 + v), xf);
+                unpack8(__ldg(xr[r] + (size_t)b * ldx8 + xv), xf);
 #pragma unroll
                 for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
             }
         } else {
             float xf[8];
-            unpack8(__ldg(xr[0] + (size_t)b * ldx8 + v), xf);
+            unpack8(__ldg(xr[0] + (size_t)b * ldx8 + xv), xf);
             if (NORM) {
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
@@ -872,6 +886,45 @@ __device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* con
 #pragma unroll
                 for (int k = 0; k < 8; k++) acc[r][b] = fmaf(wf[r][k], xf[k], acc[r][b]);
         }
+    }
+}
+// acc[r][b] += the dot products of chunk v of each row (wv[r]) with the inputs (see fma8);
+// GEMV_W8: the codes' dot product over the chunk's two halves first, then times scl[r].
+template <int B, int R, bool NORM, bool SEPX>
+__device__ __forceinline__ void fma_chunk(const uint4 (&wv)[R], const uint4* const (&xr)[R], const uint4* nw, int ldx8, int v, float (&acc)[R][B], float (&ss)[B], const float (&scl)[R]) {
+    float wf[R][8];
+#ifdef GEMV_W8
+    float d[R][B];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < B; b++) d[r][b] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; r++) unpack_codes(wv[r].x, wv[r].y, wf[r]);
+    fma8<B, R, NORM, SEPX>(wf, xr, nw, ldx8, 2 * v, d, ss);
+#pragma unroll
+    for (int r = 0; r < R; r++) unpack_codes(wv[r].z, wv[r].w, wf[r]);
+    fma8<B, R, NORM, SEPX>(wf, xr, nw, ldx8, 2 * v + 1, d, ss);
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < B; b++) acc[r][b] = fmaf(scl[r], d[r][b], acc[r][b]);
+#else
+#pragma unroll
+    for (int r = 0; r < R; r++) unpack8(wv[r], wf[r]);
+    fma8<B, R, NORM, SEPX>(wf, xr, nw, ldx8, v, acc, ss);
+#endif
+}
+// The group scales of chunk v of each row (GEMV_W8; bf16 weights have none).
+template <int R>
+__device__ __forceinline__ void chunk_scales(const float* const (&sr)[R], int v, int gs, float (&scl)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#ifdef GEMV_W8
+        scl[r] = __ldg(sr[r] + (v >> (gs - CSH)));
+#else
+        scl[r] = 1.f;
+#endif
     }
 }
 // Writes output `row` of input b: a0 (a1: the pair's second row) the dot products, ss Σ x².
@@ -913,7 +966,7 @@ __device__ void gemv(const Seg& s, int blk) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int split = s.split, groups = 8 / split;
     const int grp = warp / split, part = warp - grp * split;
-    const int rows = s.rows, cols8 = s.cols >> 3, ldx8 = s.ldx >> 3;
+    const int rows = s.rows, cols8 = s.cols >> CSH, ldx8 = s.ldx >> 3;  // cols8: chunks a row
     const int row0 = (blk * groups + grp) * RG;
     const uint4* nw = (const uint4*)s.nw;
     float acc[R][B], ss[B];
@@ -927,10 +980,12 @@ __device__ void gemv(const Seg& s, int blk) {
     const bool live = row0 < rows;
     const uint4* wr[R];
     const uint4* xr[R];
+    const float* sr[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        if (OUT == 2) wr[r] = (const uint4*)(r == 0 ? s.w : s.w2) + (size_t)min(row0, rows - 1) * cols8;
-        else wr[r] = (const uint4*)s.w + (size_t)min(row0 + r, rows - 1) * cols8;
+        const int row = OUT == 2 ? min(row0, rows - 1) : min(row0 + r, rows - 1);
+        wr[r] = (const uint4*)(OUT == 2 && r == 1 ? s.w2 : s.w) + (size_t)row * cols8;
+        sr[r] = (OUT == 2 && r == 1 ? s.sc2 : s.sc) + (size_t)row * s.sg;
         xr[r] = (const uint4*)(SEPX && r == 1 ? s.x2 : s.x);
     }
     // the first P column chunks of this warp's rows, loaded before waiting for x
@@ -942,15 +997,20 @@ __device__ void gemv(const Seg& s, int blk) {
         for (int r = 0; r < R; r++) pre[p][r] = (live && v0 + p * stride < cols8) ? __ldcs(wr[r] + v0 + p * stride) : make_uint4(0, 0, 0, 0);
     pdl_wait();
     if (live) {
+        float scl[R];
 #pragma unroll
         for (int p = 0; p < P; p++)
-            if (v0 + p * stride < cols8) fma_chunk<B, R, NORM, SEPX>(pre[p], xr, nw, ldx8, v0 + p * stride, acc, ss);
+            if (v0 + p * stride < cols8) {
+                chunk_scales<R>(sr, v0 + p * stride, s.gs, scl);
+                fma_chunk<B, R, NORM, SEPX>(pre[p], xr, nw, ldx8, v0 + p * stride, acc, ss, scl);
+            }
 #pragma unroll 4
         for (int v = v0 + P * stride; v < cols8; v += stride) {
             uint4 wv[R];
 #pragma unroll
             for (int r = 0; r < R; r++) wv[r] = __ldcs(wr[r] + v);
-            fma_chunk<B, R, NORM, SEPX>(wv, xr, nw, ldx8, v, acc, ss);
+            chunk_scales<R>(sr, v, s.gs, scl);
+            fma_chunk<B, R, NORM, SEPX>(wv, xr, nw, ldx8, v, acc, ss, scl);
         }
     }
 #pragma unroll
@@ -1003,6 +1063,7 @@ __device__ void gemv(const Seg& s, int blk) {
         }
     }
 }
+#ifndef GEMV_W8
 __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -1070,24 +1131,47 @@ __device__ void gemv_tc(const Seg& s, int blk, int batch) {
 }
 extern "C" __global__ void gemv_tc8(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<1>(s, blk, g.batch); }
 extern "C" __global__ void gemv_tc16(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv_tc<2>(s, blk, g.batch); }
+#endif
 #define GEMVK(NAME, B, R, NORM, OUT) \
     extern "C" __global__ void GEMV_LB NAME##B(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT, GEMV_P>(s, blk); }
 #define GEMVKL(NAME, B, R, NORM, OUT) \
     extern "C" __global__ void GEMV_LB NAME##B##_l(const Segs g) { int blk; const Seg& s = seg_of(g, blockIdx.x, blk); gemv<B, R, NORM, OUT, GEMV_PL>(s, blk); }
+// R12: rows of a warp group at batch 1 and 2 (pairs aside): 1, or W8R (2 unless set) for int8
+// weights, whose rows are half as long (`gpu::rows_per_warp`)
+#ifndef W8R
+#define W8R 2
+#endif
+#ifdef GEMV_W8
+#define R12 W8R
+#else
+#define R12 1
+#endif
 #define GEMV(B, R) GEMVK(gemv_b, B, R, false, 0)
-GEMV(1, 1) GEMV(2, 1) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
+GEMV(1, R12) GEMV(2, R12) GEMV(3, 2) GEMV(4, 2) GEMV(5, 2) GEMV(6, 2) GEMV(7, 2) GEMV(8, 2)
 GEMV(9, 2) GEMV(10, 2) GEMV(11, 2) GEMV(12, 2) GEMV(13, 2) GEMV(14, 2) GEMV(15, 2) GEMV(16, 2)
 // the fused kinds (batch ≤ 8): n norm in, r residual out, np norm in and pairs out, p pairs out
 #define FUSED(B, R) GEMVK(gemvn_b, B, R, true, 0) GEMVK(gemvr_b, B, R, false, 1) GEMVK(gemvnp_b, B, 2, true, 2) GEMVK(gemvp_b, B, 2, false, 2)
-FUSED(1, 1) FUSED(2, 1) FUSED(3, 2) FUSED(4, 2) FUSED(5, 2) FUSED(6, 2) FUSED(7, 2) FUSED(8, 2)
+FUSED(1, R12) FUSED(2, R12) FUSED(3, 2) FUSED(4, 2) FUSED(5, 2) FUSED(6, 2) FUSED(7, 2) FUSED(8, 2)
 // the long-preload kinds (batch 1 and 2), every one of the above
-#define LONG(B) GEMVKL(gemv_b, B, 1, false, 0) GEMVKL(gemvn_b, B, 1, true, 0) GEMVKL(gemvr_b, B, 1, false, 1) GEMVKL(gemvnp_b, B, 2, true, 2) GEMVKL(gemvp_b, B, 2, false, 2)
+#define LONG(B) GEMVKL(gemv_b, B, R12, false, 0) GEMVKL(gemvn_b, B, R12, true, 0) GEMVKL(gemvr_b, B, R12, false, 1) GEMVKL(gemvnp_b, B, 2, true, 2) GEMVKL(gemvp_b, B, 2, false, 2)
 LONG(1) LONG(2)
 "#;
 
-/// Rows of one warp group for batch `b` (must match GEMV_SRC).
-fn rows_per_warp(b: usize) -> usize {
-    if b <= 2 { 1 } else { 2 }
+/// Rows of one warp group for batch `b` (must match GEMV_SRC's R12): 2 from batch 3 on; at
+/// batch 1–2 one bf16 row, or `COMPACTOR_W8_ROWS` (2 unless set; 1 or 2) int8 rows.
+fn rows_per_warp(b: usize, int8: bool) -> usize {
+    if b > 2 {
+        2
+    } else if int8 {
+        w8_rows()
+    } else {
+        1
+    }
+}
+
+fn w8_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    env_usize("COMPACTOR_W8_ROWS", &ROWS, 2).clamp(1, 2)
 }
 
 /// Warps that share a row group: more where there are few rows of many columns, so that a
@@ -1115,9 +1199,12 @@ pub(crate) fn pdl_capable(dev: &candle_core::cuda::CudaDevice) -> bool {
     })
 }
 
-fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
+/// The decode module's PTX: GEMV_SRC and STEP_SRC, or with `w8` GEMV_SRC alone for int8
+/// weights (`GEMV_W8`; compiled at the first decode of a model that has them).
+fn gemv_ptx(dev: &candle_core::cuda::CudaDevice, w8: bool) -> CResult<&'static str> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
+    static PTX_W8: OnceLock<Result<String, String>> = OnceLock::new();
+    if w8 { &PTX_W8 } else { &PTX }.get_or_init(|| {
         let arch = if pdl_capable(dev) { "compute_90" } else { "compute_80" };
         let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), ..Default::default() };
         let defines: String = std::env::var("COMPACTOR_GEMV_DEFINES")
@@ -1126,7 +1213,7 @@ fn gemv_ptx(dev: &candle_core::cuda::CudaDevice) -> CResult<&'static str> {
             .filter(|d| !d.is_empty())
             .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
             .collect();
-        let src = format!("{defines}{GEMV_SRC}{}", crate::gpu_step::STEP_SRC);
+        let src = if w8 { format!("{defines}#define GEMV_W8 1\n#define W8R {}\n{GEMV_SRC}", w8_rows()) } else { format!("{defines}{GEMV_SRC}{}", crate::gpu_step::STEP_SRC) };
         cudarc::nvrtc::compile_ptx_with_opts(src, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()
@@ -1168,13 +1255,19 @@ pub fn set_gemv_mode(mode: u8) {
 /// A kernel of the decode module on `dev`'s stream, loaded once (looking it up costs a driver
 /// call per launch otherwise, which decode steps feel).
 pub(crate) fn kernel(dev: &candle_core::cuda::CudaDevice, name: &str) -> CResult<cudarc::driver::CudaFunction> {
-    static FUNCS: OnceLock<Mutex<HashMap<(usize, String), cudarc::driver::CudaFunction>>> = OnceLock::new();
-    let key = (dev.cuda_stream().cu_stream() as usize, name.to_string());
+    module_kernel(dev, name, false)
+}
+
+/// A kernel of the decode module, or with `w8` of its int8-weight form (see [`gemv_ptx`]).
+fn module_kernel(dev: &candle_core::cuda::CudaDevice, name: &str, w8: bool) -> CResult<cudarc::driver::CudaFunction> {
+    static FUNCS: OnceLock<Mutex<HashMap<(usize, String, bool), cudarc::driver::CudaFunction>>> = OnceLock::new();
+    let key = (dev.cuda_stream().cu_stream() as usize, name.to_string(), w8);
     let mut map = FUNCS.get_or_init(Default::default).lock().unwrap();
     if let Some(f) = map.get(&key) {
         return Ok(f.clone());
     }
-    let f = dev.get_or_load_custom_func(name, "compactor_gemv", gemv_ptx(dev)?)?.into_cuda_function();
+    let module = if w8 { "compactor_gemv_w8" } else { "compactor_gemv" };
+    let f = dev.get_or_load_custom_func(name, module, gemv_ptx(dev, w8)?)?.into_cuda_function();
     map.insert(key, f.clone());
     Ok(f)
 }
@@ -1199,7 +1292,8 @@ fn put_scratch(dev: &candle_core::cuda::CudaDevice, mut map: ScratchMap, buf: cu
 }
 
 /// One product of a launch: y (b × rows) = x (b × cols, row stride `ldx`) · W (rows × cols)ᵀ,
-/// all bf16, given by device address (16-byte aligned; cols and ldx multiples of 8).
+/// given by device address (16-byte aligned; cols and ldx multiples of 8). x and y are bf16; W is
+/// bf16, or int8 codes where `q` says so.
 #[derive(Clone, Copy, Debug)]
 pub struct Product {
     pub w: u64,
@@ -1208,6 +1302,26 @@ pub struct Product {
     pub rows: usize,
     pub cols: usize,
     pub ldx: usize,
+    pub q: Q8,
+}
+
+/// How a product's weights are stored: bf16 (`sc` = 0), or symmetric int8 codes in offset binary
+/// (q + 128, one byte each, row-major) with f32 scales at `sc`, one per group of 2^`gs` columns,
+/// `sg` groups a row (`linear::Int8Weight`). Int8 products run on the CUDA-core kinds of the
+/// `GEMV_W8` module only.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Q8 {
+    pub sc: u64,
+    pub gs: u32,
+    pub sg: u32,
+}
+
+impl Q8 {
+    pub const BF16: Q8 = Q8 { sc: 0, gs: 0, sg: 0 };
+
+    pub fn is_int8(&self) -> bool {
+        self.sc != 0
+    }
 }
 
 /// Kernel-side form of a launch (must match `Seg`/`Segs` in GEMV_SRC).
@@ -1228,6 +1342,10 @@ struct Seg {
     nw: u64,
     s: f32,
     eps: f32,
+    sc: u64,
+    sc2: u64,
+    gs: i32,
+    sg: i32,
 }
 
 #[repr(C)]
@@ -1257,16 +1375,18 @@ fn seg_for(mode: u8, rg: usize, p: &Product, first: usize, fit: usize) -> (Seg, 
         (0, p.rows.div_ceil(16))
     } else {
         let groups = p.rows.div_ceil(rg);
-        let mut split = split_for(groups, p.cols / 8);
-        while fit > 0 && split < 8 && lane_chunks(p.cols, split) > fit {
+        let chunks = row_chunks(p.cols, p.q.is_int8());
+        let mut split = split_for(groups, chunks);
+        while fit > 0 && split < 8 && lane_chunks(chunks, split) > fit {
             split *= 2;
         }
         (split, groups.div_ceil(8 / split))
     };
-    (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, ..Default::default() }, nb)
+    let (sc, gs, sg) = (p.q.sc, p.q.gs as i32, p.q.sg as i32);
+    (Seg { w: p.w, x: p.x, y: p.y, rows: p.rows as i32, cols: p.cols as i32, ldx: p.ldx as i32, split: split as i32, first_block: first as i32, sc, gs, sg, ..Default::default() }, nb)
 }
 
-/// Column chunks (of 8) each lane preloads before the PDL wait: `GEMV_P` and `GEMV_PL` in GEMV_SRC
+/// Chunks (16 bytes of a row) each lane preloads before the PDL wait: `GEMV_P` and `GEMV_PL` in GEMV_SRC
 /// (their defaults: the kind choice below assumes them, also when `COMPACTOR_GEMV_DEFINES` changes
 /// them for an experiment).
 const PRELOAD: usize = 4;
@@ -1274,10 +1394,15 @@ const PRELOAD_LONG: usize = 8;
 /// Batches the long-preload kinds (`_l`) are compiled for.
 const LONG_MAX_BATCH: usize = 2;
 
-/// Chunks of 8 columns each lane of a warp group reads from a row of `cols` columns when `split`
-/// warps share the row.
-fn lane_chunks(cols: usize, split: usize) -> usize {
-    (cols / 8).div_ceil(32 * split)
+/// Chunks each lane of a warp group reads from a row of `chunks` chunks when `split` warps share
+/// the row.
+fn lane_chunks(chunks: usize, split: usize) -> usize {
+    chunks.div_ceil(32 * split)
+}
+
+/// 16-byte chunks of a row of `cols` weights: 8 bf16 columns each, or 16 int8 codes.
+fn row_chunks(cols: usize, int8: bool) -> usize {
+    cols / if int8 { 16 } else { 8 }
 }
 
 /// A setting read once from the environment (a number; `default` when unset or unreadable).
@@ -1305,7 +1430,7 @@ fn split_fit(b: usize, prods: &[Product], pairs: usize) -> usize {
     if b > LONG_MAX_BATCH {
         return 0;
     }
-    let bytes: usize = prods.iter().enumerate().map(|(i, p)| p.rows * p.cols * 2 * if i < pairs { 2 } else { 1 }).sum();
+    let bytes: usize = prods.iter().enumerate().map(|(i, p)| p.rows * p.cols * if p.q.is_int8() { 1 } else { 2 } * if i < pairs { 2 } else { 1 }).sum();
     tiers.iter().find(|&&(mib, _)| bytes >= mib.saturating_mul(1 << 20)).map_or(0, |&(_, fit)| fit)
 }
 
@@ -1349,7 +1474,7 @@ mod split_tier_tests {
 fn kind_name(base: &str, b: usize, segs: &Segs) -> String {
     static LONG: OnceLock<usize> = OnceLock::new();
     static PAIRS: OnceLock<usize> = OnceLock::new();
-    let most = segs.s[..segs.n as usize].iter().map(|s| lane_chunks(s.cols as usize, s.split.max(1) as usize)).max().unwrap_or(0);
+    let most = segs.s[..segs.n as usize].iter().map(|s| lane_chunks(row_chunks(s.cols as usize, s.sc != 0), s.split.max(1) as usize)).max().unwrap_or(0);
     let from = env_usize("COMPACTOR_GEMV_LONG", &LONG, PRELOAD + 2);
     let pair = base.ends_with("p_b");
     let long = b <= LONG_MAX_BATCH && from != 0 && most >= from.max(PRELOAD + 1) && most <= PRELOAD_LONG && (!pair || env_usize("COMPACTOR_GEMV_LONG_PAIRS", &PAIRS, 1) != 0);
@@ -1367,20 +1492,34 @@ fn check_batch(b: usize) -> CResult<()> {
 /// or 2 (tensor cores) up to four products per launch (a grouped launch: give it products that do
 /// not read each other's outputs), mode 0 one cuBLAS GEMM each. With `pdl`, the launches are
 /// programmatic dependent launches where the GPU has them.
+/// Products with int8 weights (see [`Q8`]) run on the CUDA-core kinds whatever `mode` says,
+/// after the others.
 pub fn launch_products(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, prods: &[Product], pdl: bool) -> CResult<()> {
     check_batch(b)?;
+    if prods.iter().any(|p| p.q.is_int8()) {
+        let (w8, plain): (Vec<Product>, Vec<Product>) = prods.iter().partition(|p| p.q.is_int8());
+        if !plain.is_empty() {
+            launch_products(dev, mode, b, &plain, pdl)?;
+        }
+        return launch_chunks(dev, 1, b, &w8, pdl, true);
+    }
     if mode == 0 {
         return prods.iter().try_for_each(|p| cublas_product(dev, b, p));
     }
+    launch_chunks(dev, mode, b, prods, pdl, false)
+}
+
+/// [`launch_products`] in kernel launches of up to four products (all bf16, or with `w8` all int8).
+fn launch_chunks(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, prods: &[Product], pdl: bool, w8: bool) -> CResult<()> {
     for chunk in prods.chunks(4) {
         let mut segs = Segs { n: chunk.len() as i32, batch: b as i32, ..Default::default() };
         let (mut blocks, fit) = (0usize, split_fit(b, chunk, 0));
         for (seg, p) in segs.s.iter_mut().zip(chunk) {
-            let (sg, nb) = seg_for(mode, rows_per_warp(b), p, blocks, fit);
+            let (sg, nb) = seg_for(mode, rows_per_warp(b, w8), p, blocks, fit);
             *seg = sg;
             blocks += nb;
         }
-        launch_segs(dev, mode, b, &segs, blocks, pdl)?;
+        launch_segs(dev, mode, b, &segs, blocks, pdl, w8)?;
     }
     Ok(())
 }
@@ -1396,6 +1535,15 @@ pub(crate) enum Out {
     Glu,
 }
 
+/// The second row of a pair in a fused launch ([`Out::Glu`]): W₂, x₂ and W₂'s int8 scales (0 for
+/// bf16; group size as the product's).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pair {
+    pub w: u64,
+    pub x: u64,
+    pub sc: u64,
+}
+
 /// Batch sizes the fused kinds are compiled for.
 pub const FUSED_MAX_BATCH: usize = 8;
 
@@ -1404,9 +1552,25 @@ pub const FUSED_MAX_BATCH: usize = 8;
 /// product's input, one row per sequence, of `cols` values); `out` says how outputs are written.
 /// With [`Out::Glu`], `pairs[i]` = (W₂, x₂) of product i: output j of product i is
 /// silu(x Wᵀ)_j · (x₂ W₂ᵀ)_j (x₂ is ignored with `norm`: both rows read the normalized x).
-pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u64, f32)>, out: Out) -> CResult<()> {
+/// W₂ is stored as W is (`Pair::sc`: its int8 scales). Products of both storage forms run as one
+/// launch each.
+pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods: &[Product], pairs: &[Pair], norm: Option<(u64, f32)>, out: Out) -> CResult<()> {
     if !(1..=FUSED_MAX_BATCH).contains(&b) || prods.len() > 4 || (out == Out::Glu && pairs.len() != prods.len()) {
         candle_core::bail!("fused gemv: {} products of batch {b} ({out:?}, {} pairs)", prods.len(), pairs.len());
+    }
+    let w8 = prods.first().is_some_and(|p| p.q.is_int8());
+    if prods.iter().any(|p| p.q.is_int8() != w8) {
+        let part = |int8: bool| -> (Vec<Product>, Vec<Pair>) {
+            let keep: Vec<usize> = (0..prods.len()).filter(|&i| prods[i].q.is_int8() == int8).collect();
+            (keep.iter().map(|&i| prods[i]).collect(), keep.iter().filter_map(|&i| pairs.get(i).copied()).collect())
+        };
+        for int8 in [false, true] {
+            let (p, q) = part(int8);
+            if !p.is_empty() {
+                launch_fused(dev, b, &p, &q, norm, out)?;
+            }
+        }
+        return Ok(());
     }
     let name = match (norm.is_some(), out) {
         (true, Out::Store) => "gemvn_b",
@@ -1417,21 +1581,21 @@ pub(crate) fn launch_fused(dev: &candle_core::cuda::CudaDevice, b: usize, prods:
         (true, Out::Residual(_)) => candle_core::bail!("fused gemv: no kind normalizes its input and adds to the residual"),
     };
     let (segs, blocks) = fused_segs(b, prods, pairs, norm, out);
-    let func = kernel(dev, &kind_name(name, b, &segs))?;
+    let func = module_kernel(dev, &kind_name(name, b, &segs), w8)?;
     let mut params = [&segs as *const Segs as *mut std::ffi::c_void];
     // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.
     unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, true) }
 }
 
 /// The kernel-side form of a fused launch and its block count.
-fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u64, f32)>, out: Out) -> (Segs, usize) {
-    let rg = if out == Out::Glu { 1 } else { rows_per_warp(b) };
+fn fused_segs(b: usize, prods: &[Product], pairs: &[Pair], norm: Option<(u64, f32)>, out: Out) -> (Segs, usize) {
+    let rg = if out == Out::Glu { 1 } else { rows_per_warp(b, prods.first().is_some_and(|p| p.q.is_int8())) };
     let mut segs = Segs { n: prods.len() as i32, batch: b as i32, ..Default::default() };
     let (mut blocks, fit) = (0usize, split_fit(b, prods, pairs.len()));
     for (i, (seg, p)) in segs.s.iter_mut().zip(prods).enumerate() {
         let (mut sg, nb) = seg_for(1, rg, p, blocks, fit);
-        if let Some(&(w2, x2)) = pairs.get(i) {
-            (sg.w2, sg.x2) = (w2, x2);
+        if let Some(pair) = pairs.get(i) {
+            (sg.w2, sg.x2, sg.sc2) = (pair.w, pair.x, pair.sc);
         }
         if let Some((nw, eps)) = norm {
             (sg.nw, sg.eps) = (nw, eps);
@@ -1445,8 +1609,8 @@ fn fused_segs(b: usize, prods: &[Product], pairs: &[(u64, u64)], norm: Option<(u
     (segs, blocks)
 }
 
-fn launch_segs(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, segs: &Segs, blocks: usize, pdl: bool) -> CResult<()> {
-    let func = if mode == 2 { kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })? } else { kernel(dev, &kind_name("gemv_b", b, segs))? };
+fn launch_segs(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, segs: &Segs, blocks: usize, pdl: bool, w8: bool) -> CResult<()> {
+    let func = if mode == 2 { kernel(dev, if b <= 8 { "gemv_tc8" } else { "gemv_tc16" })? } else { module_kernel(dev, &kind_name("gemv_b", b, segs), w8)? };
     let mut params = [segs as *const Segs as *mut std::ffi::c_void];
     // SAFETY: `segs` has the layout of the kernels' `Segs` parameter.
     unsafe { launch_raw(dev, &func, (blocks as u32, 1), 256, 0, &mut params, pdl) }
@@ -1616,7 +1780,7 @@ impl CustomOp2 for Gemv {
         let x = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..xl.start_offset() + b * n);
         let w = ws.as_cuda_slice::<bf16>()?.slice(wl.start_offset()..wl.start_offset() + m * n);
         let y = unsafe { dev.alloc::<bf16>(b * m)? };
-        let p = Product { w: addr(&dev, &w), x: addr(&dev, &x), y: addr(&dev, &y.slice(..)), rows: m, cols: n, ldx: n };
+        let p = Product { w: addr(&dev, &w), x: addr(&dev, &x), y: addr(&dev, &y.slice(..)), rows: m, cols: n, ldx: n, q: Q8::BF16 };
         launch_products(&dev, self.0, b, &[p], true)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, m))))
     }
@@ -1651,8 +1815,8 @@ impl candle_core::CustomOp3 for LowRankGemv {
         let (map, t) = scratch(&dev, b * r)?;
         let y = unsafe { dev.alloc::<bf16>(b * m)? };
         let ta = addr(&dev, &t.slice(..));
-        let first = Product { w: addr(&dev, &bw), x: addr(&dev, &x), y: ta, rows: r, cols: n, ldx: n };
-        let second = Product { w: addr(&dev, &aw), x: ta, y: addr(&dev, &y.slice(..)), rows: m, cols: r, ldx: r };
+        let first = Product { w: addr(&dev, &bw), x: addr(&dev, &x), y: ta, rows: r, cols: n, ldx: n, q: Q8::BF16 };
+        let second = Product { w: addr(&dev, &aw), x: ta, y: addr(&dev, &y.slice(..)), rows: m, cols: r, ldx: r, q: Q8::BF16 };
         let res = launch_products(&dev, self.0, b, &[first], true).and_then(|_| launch_products(&dev, self.0, b, &[second], true));
         put_scratch(&dev, map, t);
         res?;

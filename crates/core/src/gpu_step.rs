@@ -24,8 +24,8 @@
 //! into the static one. Numerics follow the candle path (bf16 storage, f32 arithmetic, the same
 //! roundings where candle rounds), so the logits agree to bf16 precision, not bit for bit.
 
-use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Product, FUSED_MAX_BATCH};
-use crate::linear::{Linear, MpoFusedLayout, MpoHalves};
+use crate::gpu::{ce, gemv_mode, kernel, launch_fused, launch_products, launch_raw, tensor_addr, Out, Pair, Product, Q8, FUSED_MAX_BATCH};
+use crate::linear::{Int8Weight, Linear, MpoFusedLayout, MpoHalves};
 use crate::model::{KvCache, Model, Role};
 use candle_core::{DType, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -563,10 +563,11 @@ enum Arg {
     F(f32),
 }
 
-/// A linear layer as the step runs it: W, or A·B with the B product into `t` first.
+/// A linear layer as the step runs it: W, or A·B with the B product into `t` first; `q`, `qa`,
+/// `qb`: how each weight is stored (bf16 or int8 codes, see [`Q8`]).
 enum Lin {
-    Dense { w: u64, rows: usize, cols: usize },
-    LowRank { a: u64, b: u64, rows: usize, rank: usize, cols: usize, t: Tensor },
+    Dense { w: u64, rows: usize, cols: usize, q: Q8 },
+    LowRank { a: u64, b: u64, rows: usize, rank: usize, cols: usize, t: Tensor, qa: Q8, qb: Q8 },
     /// an MPO layer as its two halves (`linear::MpoHalves`): Z = X Rᵀ into the decoder's
     /// `mpo_z`, then y = L Z, both cuBLAS GEMMs
     Mpo(MpoHalves),
@@ -716,7 +717,7 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
             if !usable(&[w], cols)? {
                 return Ok(None);
             }
-            Some(Lin::Dense { w: tensor_addr(w)?, rows, cols })
+            Some(Lin::Dense { w: tensor_addr(w)?, rows, cols, q: Q8::BF16 })
         }
         Linear::LowRank { a, b, .. } => {
             let (rows, rank) = a.dims2()?;
@@ -725,7 +726,18 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
                 return Ok(None);
             }
             let t = Tensor::zeros((batch, rank), DType::BF16, a.device())?;
-            Some(Lin::LowRank { a: tensor_addr(a)?, b: tensor_addr(b)?, rows, rank, cols, t })
+            Some(Lin::LowRank { a: tensor_addr(a)?, b: tensor_addr(b)?, rows, rank, cols, t, qa: Q8::BF16, qb: Q8::BF16 })
+        }
+        Linear::Int8 { a, b, .. } => {
+            let (Some((wa, qa)), (rows, inner)) = (int8_operand(a)?, a.dims()?) else { return Ok(None) };
+            match b {
+                None => Some(Lin::Dense { w: wa, rows, cols: inner, q: qa }),
+                Some(b) => {
+                    let Some((wb, qb)) = int8_operand(b)? else { return Ok(None) };
+                    let t = Tensor::zeros((batch, inner), DType::BF16, a.codes.device())?;
+                    Some(Lin::LowRank { a: wa, b: wb, rows, rank: inner, cols: b.dims()?.1, t, qa, qb })
+                }
+            }
         }
         Linear::Mpo { cores, .. } => {
             // no cut that pays (more bytes or more work than the cores): candle ops for the model
@@ -744,11 +756,27 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
     })
 }
 
-/// Whether gate and up can run as pairs of one fused launch (same kind and shape).
+/// An int8 weight's codes and scales as the product kernels read them: U8 codes with a multiple
+/// of 16 columns at a 16-byte aligned address, groups of 2^k ≥ 16 columns; `None` otherwise.
+fn int8_operand(w: &Int8Weight) -> crate::Result<Option<(u64, Q8)>> {
+    let (codes, scales) = (&w.codes, &w.scales);
+    let (_, cols) = w.dims()?;
+    let ok = codes.dtype() == DType::U8 && scales.dtype() == DType::F32 && codes.is_contiguous() && scales.is_contiguous() && cols % 16 == 0 && w.group.is_power_of_two() && w.group >= 16;
+    if !ok || tensor_addr(codes)? % 16 != 0 {
+        return Ok(None);
+    }
+    Ok(Some((tensor_addr(codes)?, Q8 { sc: tensor_addr(scales)?, gs: w.group.trailing_zeros(), sg: scales.dim(1)? as u32 })))
+}
+
+/// Whether gate and up can run as pairs of one fused launch (same kind, shape and storage: a
+/// pair's two rows share one kernel and group size).
 fn pairable(g: &Lin, u: &Lin) -> bool {
+    let same = |p: &Q8, q: &Q8| p.is_int8() == q.is_int8() && p.gs == q.gs && p.sg == q.sg;
     match (g, u) {
-        (Lin::Dense { rows, cols, .. }, Lin::Dense { rows: r2, cols: c2, .. }) => rows == r2 && cols == c2,
-        (Lin::LowRank { rows, rank, cols, .. }, Lin::LowRank { rows: r2, rank: k2, cols: c2, .. }) => rows == r2 && rank == k2 && cols == c2,
+        (Lin::Dense { rows, cols, q, .. }, Lin::Dense { rows: r2, cols: c2, q: q2, .. }) => rows == r2 && cols == c2 && same(q, q2),
+        (Lin::LowRank { rows, rank, cols, qa, qb, .. }, Lin::LowRank { rows: r2, rank: k2, cols: c2, qa: qa2, qb: qb2, .. }) => {
+            rows == r2 && rank == k2 && cols == c2 && same(qa, qa2) && same(qb, qb2)
+        }
         _ => false,
     }
 }
@@ -982,7 +1010,7 @@ impl Decoder {
                 Lin::Mpo(h) => {
                     let z = self.mpo_z.as_ref().ok_or_else(|| crate::Error::Invalid("decoder: no MPO scratch".into()))?;
                     let (l, r, z) = (tensor_addr(&h.l)?, tensor_addr(&h.r)?, tensor_addr(z)?);
-                    let p = Product { w: r, x, y: z, rows: h.chi * h.i2, cols: h.j2, ldx: h.j2 };
+                    let p = Product { w: r, x, y: z, rows: h.chi * h.i2, cols: h.j2, ldx: h.j2, q: Q8::BF16 };
                     crate::gpu::cublas_product(&self.dev, self.batch * h.j1, &p)?;
                     crate::gpu::cublas_mpo_left(&self.dev, self.batch, l, z, y, h.i1, h.i2, h.j1 * h.chi)?;
                 }
@@ -1000,11 +1028,11 @@ impl Decoder {
                         self.launch("step_mpo_sum", (n.div_ceil(64) as u32, 1), 256, 0, &[P(part), P(y), I(n as i32), I(m.grid as i32)])?;
                     }
                 }
-                Lin::Dense { w, rows, cols } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols }),
-                Lin::LowRank { a, b, rows, rank, cols, t } => {
+                Lin::Dense { w, rows, cols, q } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols, q: *q }),
+                Lin::LowRank { a, b, rows, rank, cols, t, qa, qb } => {
                     let t = tensor_addr(t)?;
-                    first.push(Product { w: *b, x, y: t, rows: *rank, cols: *cols, ldx: *cols });
-                    second.push(Product { w: *a, x: t, y, rows: *rows, cols: *rank, ldx: *rank });
+                    first.push(Product { w: *b, x, y: t, rows: *rank, cols: *cols, ldx: *cols, q: *qb });
+                    second.push(Product { w: *a, x: t, y, rows: *rows, cols: *rank, ldx: *rank, q: *qa });
                 }
             }
         }
@@ -1021,16 +1049,18 @@ impl Decoder {
     /// [`Out::Glu`] takes [gate, up] (see [`pairable`]) and one output.
     fn fused_products(&self, lins: &[&Lin], x: u64, ys: &[u64], norm: Option<(u64, f32)>, out: Out) -> crate::Result<()> {
         let (dev, nb) = (&self.dev, self.batch);
-        let p = |w: u64, x: u64, y: u64, rows: usize, cols: usize| Product { w, x, y, rows, cols, ldx: cols };
+        let p = |w: u64, x: u64, y: u64, rows: usize, cols: usize, q: &Q8| Product { w, x, y, rows, cols, ldx: cols, q: *q };
         if out == Out::Glu {
             match (lins[0], lins[1]) {
-                (Lin::Dense { w, rows, cols }, Lin::Dense { w: w2, .. }) => launch_fused(dev, nb, &[p(*w, x, ys[0], *rows, *cols)], &[(*w2, x)], norm, Out::Glu)?,
-                (Lin::LowRank { a, b, rows, rank, cols, t }, Lin::LowRank { a: a2, b: b2, t: t2, .. }) => {
+                (Lin::Dense { w, rows, cols, q }, Lin::Dense { w: w2, q: q2, .. }) => {
+                    launch_fused(dev, nb, &[p(*w, x, ys[0], *rows, *cols, q)], &[Pair { w: *w2, x, sc: q2.sc }], norm, Out::Glu)?
+                }
+                (Lin::LowRank { a, b, rows, rank, cols, t, qa, qb }, Lin::LowRank { a: a2, b: b2, t: t2, qa: qa2, qb: qb2, .. }) => {
                     let (t, t2) = (tensor_addr(t)?, tensor_addr(t2)?);
-                    let first = [p(*b, x, t, *rank, *cols), p(*b2, x, t2, *rank, *cols)];
-                    let second = [p(*a, t, ys[0], *rows, *rank)];
+                    let first = [p(*b, x, t, *rank, *cols, qb), p(*b2, x, t2, *rank, *cols, qb2)];
+                    let second = [p(*a, t, ys[0], *rows, *rank, qa)];
                     launch_fused(dev, nb, &first, &[], norm, Out::Store)?;
-                    launch_fused(dev, nb, &second, &[(*a2, t2)], None, Out::Glu)?;
+                    launch_fused(dev, nb, &second, &[Pair { w: *a2, x: t2, sc: qa2.sc }], None, Out::Glu)?;
                 }
                 _ => return Err(crate::Error::Invalid("fused step: gate and up differ in kind".into())),
             }
@@ -1040,11 +1070,11 @@ impl Decoder {
         let mut second = Vec::new();
         for (l, &y) in lins.iter().zip(ys) {
             match l {
-                Lin::Dense { w, rows, cols } => first.push(p(*w, x, y, *rows, *cols)),
-                Lin::LowRank { a, b, rows, rank, cols, t } => {
+                Lin::Dense { w, rows, cols, q } => first.push(p(*w, x, y, *rows, *cols, q)),
+                Lin::LowRank { a, b, rows, rank, cols, t, qa, qb } => {
                     let t = tensor_addr(t)?;
-                    first.push(p(*b, x, t, *rank, *cols));
-                    second.push(p(*a, t, y, *rows, *rank));
+                    first.push(p(*b, x, t, *rank, *cols, qb));
+                    second.push(p(*a, t, y, *rows, *rank, qa));
                 }
                 // `Decoder::new` runs a model with MPO layers unfused
                 Lin::Mpo(_) | Lin::MpoFused(_) => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),

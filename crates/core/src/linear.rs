@@ -35,6 +35,88 @@ pub enum Linear {
     Tucker { core: Tensor, factors: Vec<Tensor>, m: usize, n: usize, bias: Option<Tensor>, matrix: CoreCache },
     /// CP over the interleaved modes: weights λ (R), factors A_d (dim_d × R).
     Cp { weights: Tensor, factors: Vec<Tensor>, m: usize, n: usize, bias: Option<Tensor> },
+    /// Symmetric int8 weights kept as codes ([`Int8Weight`]): W itself (`b` is `None`), or
+    /// W ≈ A B with A (m × r) and B (r × n) — r zero-padded to a multiple of 16, `rank` the fitted
+    /// r. Made for bf16 on CUDA ([`int8_linear`]), where the decode kernels read the codes; candle
+    /// ops dequantize them at every call.
+    Int8 { a: Int8Weight, b: Option<Int8Weight>, rank: usize, bias: Option<Tensor> },
+}
+
+/// A matrix of symmetric group-wise int8 codes, as `compactor-decomp`'s quantization stores it
+/// (w = scale · q, q in [−127, 127], one f32 scale per `group` consecutive columns of a row), held
+/// for the GPU decode kernels: `codes` (U8, rows × cols) in offset binary (q + 128), `scales`
+/// (F32, rows × ⌈cols / group⌉).
+#[derive(Debug, Clone)]
+pub struct Int8Weight {
+    pub codes: Tensor,
+    pub scales: Tensor,
+    pub group: usize,
+}
+
+impl Int8Weight {
+    /// From a symmetric int8 matrix, zero-padded (codes of 0, scales of 0) to `rows` × `cols`;
+    /// `None` for another quantization or shape.
+    pub fn from_quantized(q: &compactor_decomp::quant::Quantized, rows: usize, cols: usize, device: &candle_core::Device) -> Result<Option<Self>> {
+        let &[r0, c0] = q.shape.as_slice() else { return Ok(None) };
+        let g = q.spec.group_size;
+        if q.spec.bits != compactor_decomp::quant::Bits::Int8 || !q.spec.symmetric || r0 > rows || c0 > cols || cols.div_ceil(g) != c0.div_ceil(g) {
+            return Ok(None);
+        }
+        let groups = c0.div_ceil(g);
+        let mut codes = vec![128u8; rows * cols];
+        let mut scales = vec![0f32; rows * groups];
+        for i in 0..r0 {
+            // two's complement i8 → offset binary
+            for (d, &c) in codes[i * cols..i * cols + c0].iter_mut().zip(&q.codes[i * c0..(i + 1) * c0]) {
+                *d = c ^ 0x80;
+            }
+            scales[i * groups..(i + 1) * groups].copy_from_slice(&q.scales[i * groups..(i + 1) * groups]);
+        }
+        Ok(Some(Int8Weight { codes: Tensor::from_vec(codes, (rows, cols), device)?, scales: Tensor::from_vec(scales, (rows, groups), device)?, group: g }))
+    }
+
+    /// (rows, cols) of the codes.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        self.codes.dims2()
+    }
+
+    /// The matrix the codes stand for, in `dtype` (candle ops: the codes in f32, times the
+    /// scales spread over their groups).
+    pub fn dequantize(&self, dtype: candle_core::DType) -> Result<Tensor> {
+        let (rows, cols) = self.dims()?;
+        let groups = self.scales.dim(1)?;
+        let q = self.codes.to_dtype(candle_core::DType::F32)?.affine(1.0, -128.0)?;
+        let s = self.scales.unsqueeze(2)?.broadcast_as((rows, groups, self.group))?.reshape((rows, groups * self.group))?.narrow(1, 0, cols)?;
+        (q * s)?.to_dtype(dtype)
+    }
+}
+
+/// An [`Linear::Int8`] for a dense or low-rank factorization whose factors are all symmetric int8
+/// (the input width a multiple of 16, as the decode kernels read it; the rank is padded to one);
+/// `None` for anything else.
+/// `COMPACTOR_INT8_DECODE=0` turns it off (the factors are then dequantized on load).
+pub fn int8_linear(f: &compactor_decomp::Factorization, bias: Option<Tensor>, device: &candle_core::Device) -> Result<Option<Linear>> {
+    use compactor_decomp::factor::FactorData;
+    use compactor_decomp::Factorization as F;
+    if std::env::var("COMPACTOR_INT8_DECODE").is_ok_and(|v| v == "0") {
+        return Ok(None);
+    }
+    let q = |fac: &compactor_decomp::Factor, rows: usize, cols: usize| match &fac.data {
+        FactorData::Quantized(q) => Int8Weight::from_quantized(q, rows, cols, device),
+        FactorData::F32(_) => Ok(None),
+    };
+    Ok(match f {
+        F::Dense { m, n, weight } if n % 16 == 0 => q(weight, *m, *n)?.map(|a| Linear::Int8 { a, b: None, rank: 0, bias }),
+        F::LowRank { m, n, a, b } if n % 16 == 0 => {
+            let r = a.shape[1];
+            let r16 = r.next_multiple_of(16);
+            match (q(a, *m, r16)?, q(b, r16, *n)?) {
+                (Some(a), Some(b)) => Some(Linear::Int8 { a, b: Some(b), rank: r, bias }),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
 }
 
 impl Linear {
@@ -54,6 +136,7 @@ impl Linear {
         match self {
             Linear::Dense { w, .. } => w.dims()[0],
             Linear::LowRank { a, .. } => a.dims()[0],
+            Linear::Int8 { a, .. } => a.codes.dims()[0],
             Linear::Mpo { m, .. } | Linear::Tucker { m, .. } | Linear::Cp { m, .. } => *m,
         }
     }
@@ -62,6 +145,7 @@ impl Linear {
         match self {
             Linear::Dense { w, .. } => w.dims()[1],
             Linear::LowRank { b, .. } => b.dims()[1],
+            Linear::Int8 { a, b, .. } => b.as_ref().unwrap_or(a).codes.dims()[1],
             Linear::Mpo { n, .. } | Linear::Tucker { n, .. } | Linear::Cp { n, .. } => *n,
         }
     }
@@ -69,8 +153,10 @@ impl Linear {
     /// Parameters stored (weights and bias).
     pub fn params(&self) -> usize {
         let bias = self.bias().map(|b| b.elem_count()).unwrap_or(0);
-        if let Linear::LowRank { rank, .. } = self {
-            return bias + rank * (self.out_features() + self.in_features());
+        match self {
+            Linear::LowRank { rank, .. } | Linear::Int8 { rank, b: Some(_), .. } => return bias + rank * (self.out_features() + self.in_features()),
+            Linear::Int8 { b: None, .. } => return bias + self.out_features() * self.in_features(),
+            _ => {}
         }
         bias + self.factors().iter().map(|t| t.elem_count()).sum::<usize>()
     }
@@ -81,7 +167,8 @@ impl Linear {
             | Linear::LowRank { bias, .. }
             | Linear::Mpo { bias, .. }
             | Linear::Tucker { bias, .. }
-            | Linear::Cp { bias, .. } => bias.as_ref(),
+            | Linear::Cp { bias, .. }
+            | Linear::Int8 { bias, .. } => bias.as_ref(),
         }
     }
 
@@ -93,6 +180,7 @@ impl Linear {
             Linear::Mpo { cores, .. } => cores.iter().collect(),
             Linear::Tucker { core, factors, .. } => std::iter::once(core).chain(factors).collect(),
             Linear::Cp { weights, factors, .. } => std::iter::once(weights).chain(factors).collect(),
+            Linear::Int8 { a, b, .. } => std::iter::once(a).chain(b).flat_map(|w| [&w.codes, &w.scales]).collect(),
         }
     }
 
@@ -110,6 +198,7 @@ impl Linear {
                 std::iter::once(core).chain(factors.iter_mut()).collect()
             }
             Linear::Cp { weights, factors, .. } => std::iter::once(weights).chain(factors.iter_mut()).collect(),
+            Linear::Int8 { a, b, .. } => std::iter::once(a).chain(b.as_mut()).flat_map(|w| [&mut w.codes, &mut w.scales]).collect(),
         }
     }
 
@@ -141,6 +230,14 @@ impl Linear {
                 None => tucker_apply(&interleaved_matrix(core)?, core, factors, *m, &x2)?,
             },
             Linear::Cp { weights, factors, m, .. } => cp_apply(weights, factors, *m, &x2)?,
+            Linear::Int8 { a, b, .. } => {
+                let dt = x2.dtype();
+                let x2 = match b {
+                    Some(b) => x2.matmul(&b.dequantize(dt)?.t()?)?,
+                    None => x2,
+                };
+                x2.matmul(&a.dequantize(dt)?.t()?)?
+            }
         };
         let y = match self.bias() {
             Some(b) => y.broadcast_add(b)?,
@@ -164,6 +261,13 @@ impl Linear {
             }
             Linear::Tucker { core, factors, m, n, .. } => tucker_dense(core, factors, *m, *n),
             Linear::Cp { weights, factors, .. } => cp_dense(weights, factors),
+            Linear::Int8 { a, b, .. } => {
+                let a = a.dequantize(candle_core::DType::F32)?;
+                match b {
+                    Some(b) => a.matmul(&b.dequantize(candle_core::DType::F32)?),
+                    None => Ok(a),
+                }
+            }
         }
     }
 }
@@ -596,6 +700,36 @@ mod tests {
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn int8_codes_compute_what_the_dequantized_factors_do() {
+        use compactor_decomp::{Bits, Factor, Factorization, QuantSpec};
+        let dev = &Device::Cpu;
+        let rnd = |rows: usize, cols: usize| Factor::new(vec![rows, cols], Tensor::randn(0f32, 1f32, (rows, cols), dev).unwrap().flatten_all().unwrap().to_vec1().unwrap());
+        let spec = |group_size: usize, symmetric: bool| QuantSpec { bits: Bits::Int8, group_size, symmetric };
+        let x = Tensor::randn(0f32, 1f32, (3, 96), dev).unwrap();
+        // rank 13 is padded to 16 columns of A (zero codes) and rows of B (zero scales); 96
+        // columns in groups of 64 leave a short last group
+        for (f, params) in [
+            (Factorization::LowRank { m: 40, n: 96, a: rnd(40, 13), b: rnd(13, 96) }.quantized(&spec(64, true)).unwrap(), 13 * (40 + 96)),
+            (Factorization::Dense { m: 40, n: 96, weight: rnd(40, 96) }.quantized(&spec(32, true)).unwrap(), 40 * 96),
+        ] {
+            let lin = int8_linear(&f, None, dev).unwrap().expect("symmetric int8 factors");
+            let want = from_factorization(&f, None, DType::F32, dev).unwrap();
+            assert!(matches!(&lin, Linear::Int8 { .. }));
+            assert_eq!((lin.out_features(), lin.in_features(), lin.params()), (40, 96, params));
+            let (y, w) = (lin.forward(&x).unwrap(), want.forward(&x).unwrap());
+            assert!(max_rel(&y, &w) < 1e-6, "{}", max_rel(&y, &w));
+            assert!(max_rel(&lin.to_dense().unwrap(), &want.to_dense().unwrap()) < 1e-6);
+            // the codes are offset binary: q + 128, with q in [−127, 127]
+            let codes: Vec<u8> = lin.factors()[0].flatten_all().unwrap().to_vec1().unwrap();
+            assert!(codes.iter().all(|&c| c >= 1) && (codes.contains(&255) || codes.contains(&1)));
+        }
+        // asymmetric codes and f32 factors stay with the dequantized path
+        let asym = Factorization::Dense { m: 8, n: 32, weight: rnd(8, 32) }.quantized(&spec(32, false)).unwrap();
+        assert!(int8_linear(&asym, None, dev).unwrap().is_none());
+        assert!(int8_linear(&Factorization::Dense { m: 8, n: 32, weight: rnd(8, 32) }, None, dev).unwrap().is_none());
     }
 
     #[test]

@@ -480,7 +480,22 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         out.tensors = Some(tensors);
         return Ok(out);
     }
-    finish_on_host(build(&|t: &Tensor| Ok(t.flatten_all()?.to_vec1::<f32>()?))?, 0)
+    let host = build(&|t: &Tensor| Ok(t.flatten_all()?.to_vec1::<f32>()?))?;
+    if let (Some(q), None) = (&r.quant, gram) {
+        // quantized on the host, measured on the device: the dequantized factors' product against
+        // W (the host would form W's m × n reconstruction from them)
+        let f = host.quantized(&to_dc_quant(q))?;
+        gpu::lap(device, Some(4));
+        let deq = f.factors().into_iter().map(|(_, fac)| Ok(Tensor::from_vec(fac.values().into_owned(), fac.shape.clone(), device)?)).collect::<Result<Vec<Tensor>>>()?;
+        let hat = match r.method {
+            Method::Svd => deq[0].matmul(&deq[1])?,
+            _ => crate::linear::mpo_dense(&deq, &rd, &cd)?,
+        };
+        let rel_error = gpu::rel_error(&w, &hat)?;
+        gpu::lap(device, Some(5));
+        return Ok(fitted(ck, spec, r, f, rel_error, None, 0, factor_dtype, t0));
+    }
+    finish_on_host(host, 0)
 }
 
 /// Per-layer ratios for the layers whose ratio comes from the target.
