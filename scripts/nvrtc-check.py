@@ -54,4 +54,5 @@ decode_w8 = os.environ.get("NVRTC_DEFINES", "") + "#define GEMV_W8 1\n" + raw("c
 for arch in ("compute_90", "compute_80"):
     check(decode, "decode.cu", arch)
     check(decode_w8, "decode_w8.cu", arch)
+    check("#define W8R 1\n" + decode_w8, "decode_w8_r1.cu", arch)  # COMPACTOR_W8_ROWS=1
 check(raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC"), "band.cu", "compute_80")

@@ -59,10 +59,11 @@ impl Int8Weight {
     pub fn from_quantized(q: &compactor_decomp::quant::Quantized, rows: usize, cols: usize, device: &candle_core::Device) -> Result<Option<Self>> {
         let &[r0, c0] = q.shape.as_slice() else { return Ok(None) };
         let g = q.spec.group_size;
-        if q.spec.bits != compactor_decomp::quant::Bits::Int8 || !q.spec.symmetric || r0 > rows || c0 > cols || cols.div_ceil(g) != c0.div_ceil(g) {
+        let groups = c0.div_ceil(g);
+        let stored = q.codes.len() == r0 * c0 && q.scales.len() == r0 * groups;
+        if q.spec.bits != compactor_decomp::quant::Bits::Int8 || !q.spec.symmetric || !stored || r0 > rows || c0 > cols || cols.div_ceil(g) != groups {
             return Ok(None);
         }
-        let groups = c0.div_ceil(g);
         let mut codes = vec![128u8; rows * cols];
         let mut scales = vec![0f32; rows * groups];
         for i in 0..r0 {
@@ -92,13 +93,14 @@ impl Int8Weight {
 }
 
 /// An [`Linear::Int8`] for a dense or low-rank factorization whose factors are all symmetric int8
-/// (the input width a multiple of 16, as the decode kernels read it; the rank is padded to one);
-/// `None` for anything else.
+/// (the input width a multiple of 16, as the decode kernels read it; the rank is padded to one)
+/// and no bias (the decode step graph takes no biases, and candle ops would dequantize the codes
+/// at every call); `None` for anything else.
 /// `COMPACTOR_INT8_DECODE=0` turns it off (the factors are then dequantized on load).
 pub fn int8_linear(f: &compactor_decomp::Factorization, bias: Option<Tensor>, device: &candle_core::Device) -> Result<Option<Linear>> {
     use compactor_decomp::factor::FactorData;
     use compactor_decomp::Factorization as F;
-    if std::env::var("COMPACTOR_INT8_DECODE").is_ok_and(|v| v == "0") {
+    if bias.is_some() || std::env::var("COMPACTOR_INT8_DECODE").is_ok_and(|v| v == "0") {
         return Ok(None);
     }
     let q = |fac: &compactor_decomp::Factor, rows: usize, cols: usize| match &fac.data {
@@ -107,7 +109,7 @@ pub fn int8_linear(f: &compactor_decomp::Factorization, bias: Option<Tensor>, de
     };
     Ok(match f {
         F::Dense { m, n, weight } if n % 16 == 0 => q(weight, *m, *n)?.map(|a| Linear::Int8 { a, b: None, rank: 0, bias }),
-        F::LowRank { m, n, a, b } if n % 16 == 0 => {
+        F::LowRank { m, n, a, b } if n % 16 == 0 && a.shape.len() == 2 => {
             let r = a.shape[1];
             let r16 = r.next_multiple_of(16);
             match (q(a, *m, r16)?, q(b, r16, *n)?) {
@@ -729,6 +731,9 @@ mod tests {
         // asymmetric codes and f32 factors stay with the dequantized path
         let asym = Factorization::Dense { m: 8, n: 32, weight: rnd(8, 32) }.quantized(&spec(32, false)).unwrap();
         assert!(int8_linear(&asym, None, dev).unwrap().is_none());
+        let sym = Factorization::Dense { m: 8, n: 32, weight: rnd(8, 32) }.quantized(&spec(32, true)).unwrap();
+        assert!(int8_linear(&sym, None, dev).unwrap().is_some());
+        assert!(int8_linear(&sym, Some(Tensor::zeros(8, DType::F32, dev).unwrap()), dev).unwrap().is_none(), "a layer with a bias");
         assert!(int8_linear(&Factorization::Dense { m: 8, n: 32, weight: rnd(8, 32) }, None, dev).unwrap().is_none());
     }
 
