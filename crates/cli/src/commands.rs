@@ -422,7 +422,18 @@ pub fn bench_decode(dense: PathBuf, compressed: Vec<PathBuf>, prompt_tokens: usi
             for (i, (name, m)) in models.iter().enumerate() {
                 let lp: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.params()).sum();
                 // bytes of weights one decode step streams: every linear factor plus the lm_head
-                let step_bytes: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).chain(std::iter::once(&m.lm_head)).flat_map(|l| l.factors()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+                // (int8 weights: codes and scales, or the step's bf16 copies at cuBLAS batches)
+                #[cfg(feature = "cuda")]
+                let int8_copies = device == "cuda" && p != "ops" && compactor_core::gpu_step::int8_as_bf16(batch);
+                #[cfg(not(feature = "cuda"))]
+                let int8_copies = false;
+                let layer_bytes = |l: &compactor_core::linear::Linear| -> usize {
+                    match l {
+                        compactor_core::linear::Linear::Int8 { .. } if int8_copies => 2 * l.params(),
+                        _ => l.factors().iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+                    }
+                };
+                let step_bytes: usize = m.blocks.iter().flat_map(|b| b.linears.iter()).chain(std::iter::once(&m.lm_head)).map(layer_bytes).sum();
                 let steps_per_s = best[i] / batch as f64;
                 println!("{:<50} {:>12} {:>14.1} {:>9.2}x {:>16.3} {:>8.0}", name, lp, best[i], best[i] / best[0], step_bytes as f64 / 1e9, step_bytes as f64 * steps_per_s / 1e9);
             }

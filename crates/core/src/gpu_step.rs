@@ -695,6 +695,8 @@ pub struct Decoder {
     skip: Vec<String>,
     /// the model (a clone: its weights stay alive while the graph points into them)
     model: Model,
+    /// weights made for the step (bf16 copies of int8 ones at cuBLAS batches, see `lin`)
+    _keep: Vec<Tensor>,
 }
 
 /// bf16, contiguous, 16-byte aligned, with a multiple of 8 columns: what the product kernels read.
@@ -707,7 +709,9 @@ fn usable(ts: &[&Tensor], cols: usize) -> crate::Result<bool> {
     Ok(cols % 8 == 0)
 }
 
-fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
+/// The step's form of `l` at `batch` rows; tensors it makes for the step go to `keep` (which the
+/// decoder holds while the graph points into them).
+fn lin(l: &Linear, batch: usize, keep: &mut Vec<Tensor>) -> crate::Result<Option<Lin>> {
     if l.bias().is_some() {
         return Ok(None);
     }
@@ -727,6 +731,19 @@ fn lin(l: &Linear, batch: usize) -> crate::Result<Option<Lin>> {
             }
             let t = Tensor::zeros((batch, rank), DType::BF16, a.device())?;
             Some(Lin::LowRank { a: tensor_addr(a)?, b: tensor_addr(b)?, rows, rank, cols, t, qa: Q8::BF16, qb: Q8::BF16 })
+        }
+        // where the bf16 products run on cuBLAS (above the CUDA-core batches; it streams them
+        // fastest there, and the int8 kinds ran 2.3–3× slower than bf16 at batch 16 on an H200)
+        // the step keeps bf16 copies of int8 weights: speed over memory at large batches
+        Linear::Int8 { a, b, rank, .. } if int8_as_bf16(batch) => {
+            let (a, b) = (a.dequantize(DType::BF16)?, b.as_ref().map(|b| b.dequantize(DType::BF16)).transpose()?);
+            let copy = match b {
+                None => Linear::Dense { w: a, bias: None },
+                Some(b) => Linear::LowRank { a, b, rank: *rank, bias: None },
+            };
+            let out = lin(&copy, batch, keep)?;
+            keep.extend(copy.factors().into_iter().cloned());
+            out
         }
         Linear::Int8 { a, b, .. } => {
             let (Some((wa, qa)), (rows, inner)) = (int8_operand(a)?, a.dims()?) else { return Ok(None) };
@@ -766,6 +783,12 @@ fn int8_operand(w: &Int8Weight) -> crate::Result<Option<(u64, Q8)>> {
         return Ok(None);
     }
     Ok(Some((tensor_addr(codes)?, Q8 { sc: tensor_addr(scales)?, gs: w.group.trailing_zeros(), sg: scales.dim(1)? as u32 })))
+}
+
+/// Whether a decoder of `batch` rows runs int8 weights from bf16 copies (the batches whose bf16
+/// products run on cuBLAS), not from their codes.
+pub fn int8_as_bf16(batch: usize) -> bool {
+    gemv_mode(batch) == 0
 }
 
 /// Whether gate and up can run as pairs of one fused launch (same kind, shape and storage: a
@@ -862,10 +885,11 @@ impl Decoder {
         }
         let device = &model.device;
         let mut layers = Vec::with_capacity(model.blocks.len());
+        let mut keep = Vec::new();
         for (l, block) in model.blocks.iter().enumerate() {
             let mut lins = Vec::with_capacity(7);
             for role in Role::ALL {
-                match lin(block.linear(role), batch)? {
+                match lin(block.linear(role), batch, &mut keep)? {
                     Some(x) => lins.push(x),
                     None => return Ok(None),
                 }
@@ -881,7 +905,7 @@ impl Decoder {
             }
             layers.push(Layer { lins, kc, vc });
         }
-        let Some(lm_head) = lin(&model.lm_head, batch)? else { return Ok(None) };
+        let Some(lm_head) = lin(&model.lm_head, batch, &mut keep)? else { return Ok(None) };
         let vocab = cfg.vocab_size;
         let z = |n: usize| Tensor::zeros((batch, n), DType::BF16, device);
         let inv: Vec<f32> = (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
@@ -930,6 +954,7 @@ impl Decoder {
             graph: None,
             skip: std::env::var("COMPACTOR_STEP_SKIP").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
             model: model.clone(),
+            _keep: keep,
         }))
     }
 
