@@ -422,17 +422,14 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         gpu::lap(device, Some(5));
         Ok(fitted(ck, spec, r, f, rel_error, act_error, iterations, factor_dtype, t0))
     };
-    let (factors, dense_hat): (Vec<Tensor>, Tensor) = match r.method {
+    let factors: Vec<Tensor> = match r.method {
         Method::Svd => {
             let (a, b) = gpu::truncated_svd(&w, rank)?;
-            let hat = a.matmul(&b)?;
-            (vec![a, b], hat)
+            vec![a, b]
         }
         Method::Tt => {
             let caps = dc::tt::bonds_for_cap(&rd, &cd, rank);
-            let cores = gpu::tt_svd(&w, &rd, &cd, &caps)?;
-            let hat = crate::linear::mpo_dense(&cores, &rd, &cd)?;
-            (cores, hat)
+            gpu::tt_svd(&w, &rd, &cd, &caps)?
         }
         Method::Tucker => {
             let dims = dc::sites::interleaved(&rd, &cd);
@@ -454,6 +451,17 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         other => return Err(Error::Invalid(format!("{} fits run on the CPU", other.name()))),
     };
     gpu::lap(device, Some(3));
+    // W's relative error on the device, from the factors of the svd or tt fit
+    let device_error = |fs: &[Tensor]| -> Result<f64> {
+        gpu::lap(device, Some(4));
+        let hat = match r.method {
+            Method::Svd => fs[0].matmul(&fs[1])?,
+            _ => crate::linear::mpo_dense(fs, &rd, &cd)?,
+        };
+        let e = gpu::rel_error(&w, &hat)?;
+        gpu::lap(device, Some(5));
+        Ok(e)
+    };
     // the factorization's form, from host factors (`values`) or, when the stored tensors come
     // from the device directly, zero placeholders that only give the shapes to the manifest
     let build = |values: &dyn Fn(&Tensor) -> Result<Vec<f32>>| -> Result<Factorization> {
@@ -472,9 +480,7 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
             .zip(&factors)
             .map(|(name, t)| OwnedTensor::from_tensor(format!("{}{}{name}", spec.name, crate::compressed::FACTOR_INFIX), t, factor_dtype))
             .collect::<Result<Vec<_>>>()?;
-        gpu::lap(device, Some(4));
-        let rel_error = gpu::rel_error(&w, &dense_hat)?;
-        gpu::lap(device, Some(5));
+        let rel_error = device_error(&factors)?;
         let mut out = fitted(ck, spec, r, placeholder, rel_error, None, 0, factor_dtype, t0);
         out.factorization = None;
         out.tensors = Some(tensors);
@@ -485,14 +491,8 @@ pub fn fit_layer_gpu(ck: &Checkpoint, spec: &LinearSpec, r: &Resolved, grams: Op
         // quantized on the host, measured on the device: the dequantized factors' product against
         // W (the host would form W's m × n reconstruction from them)
         let f = host.quantized(&to_dc_quant(q))?;
-        gpu::lap(device, Some(4));
         let deq = f.factors().into_iter().map(|(_, fac)| Ok(Tensor::from_vec(fac.values().into_owned(), fac.shape.clone(), device)?)).collect::<Result<Vec<Tensor>>>()?;
-        let hat = match r.method {
-            Method::Svd => deq[0].matmul(&deq[1])?,
-            _ => crate::linear::mpo_dense(&deq, &rd, &cd)?,
-        };
-        let rel_error = gpu::rel_error(&w, &hat)?;
-        gpu::lap(device, Some(5));
+        let rel_error = device_error(&deq)?;
         return Ok(fitted(ck, spec, r, f, rel_error, None, 0, factor_dtype, t0));
     }
     finish_on_host(host, 0)
