@@ -576,6 +576,23 @@ enum Lin {
     MpoFused(MpoFused),
 }
 
+impl Lin {
+    /// A dense or low-rank layer's products from `x` into `y`: W (or B into `t`) onto `first`, and
+    /// A (from `t`) onto `second`, which runs after `first`; `false` for an MPO layer.
+    fn push_products(&self, x: u64, y: u64, first: &mut Vec<Product>, second: &mut Vec<Product>) -> crate::Result<bool> {
+        match self {
+            Lin::Dense { w, rows, cols, q } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols, q: *q }),
+            Lin::LowRank { a, b, rows, rank, cols, t, qa, qb } => {
+                let t = tensor_addr(t)?;
+                first.push(Product { w: *b, x, y: t, rows: *rank, cols: *cols, ldx: *cols, q: *qb });
+                second.push(Product { w: *a, x: t, y, rows: *rows, cols: *rank, ldx: *rank, q: *qa });
+            }
+            Lin::Mpo(_) | Lin::MpoFused(_) => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 /// An MPO layer in the fused kernel's layout, with its launch shape.
 struct MpoFused {
     f: MpoFusedLayout,
@@ -1053,11 +1070,8 @@ impl Decoder {
                         self.launch("step_mpo_sum", (n.div_ceil(64) as u32, 1), 256, 0, &[P(part), P(y), I(n as i32), I(m.grid as i32)])?;
                     }
                 }
-                Lin::Dense { w, rows, cols, q } => first.push(Product { w: *w, x, y, rows: *rows, cols: *cols, ldx: *cols, q: *q }),
-                Lin::LowRank { a, b, rows, rank, cols, t, qa, qb } => {
-                    let t = tensor_addr(t)?;
-                    first.push(Product { w: *b, x, y: t, rows: *rank, cols: *cols, ldx: *cols, q: *qb });
-                    second.push(Product { w: *a, x: t, y, rows: *rows, cols: *rank, ldx: *rank, q: *qa });
+                Lin::Dense { .. } | Lin::LowRank { .. } => {
+                    l.push_products(x, y, &mut first, &mut second)?;
                 }
             }
         }
@@ -1094,15 +1108,9 @@ impl Decoder {
         let mut first = Vec::new();
         let mut second = Vec::new();
         for (l, &y) in lins.iter().zip(ys) {
-            match l {
-                Lin::Dense { w, rows, cols, q } => first.push(p(*w, x, y, *rows, *cols, q)),
-                Lin::LowRank { a, b, rows, rank, cols, t, qa, qb } => {
-                    let t = tensor_addr(t)?;
-                    first.push(p(*b, x, t, *rank, *cols, qb));
-                    second.push(p(*a, t, y, *rows, *rank, qa));
-                }
-                // `Decoder::new` runs a model with MPO layers unfused
-                Lin::Mpo(_) | Lin::MpoFused(_) => return Err(crate::Error::Invalid("fused step: an MPO layer".into())),
+            // `Decoder::new` runs a model with MPO layers unfused
+            if !l.push_products(x, y, &mut first, &mut second)? {
+                return Err(crate::Error::Invalid("fused step: an MPO layer".into()));
             }
         }
         launch_fused(dev, nb, &first, &[], norm, if second.is_empty() { out } else { Out::Store })?;
