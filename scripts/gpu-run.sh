@@ -5,7 +5,7 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
 #   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
-#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused batch-1 MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_prof (Nsight Compute on it, timing-only variants), int8 (int8 factors decoded from their codes), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused batch-1 MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_prof (Nsight Compute on it, timing-only variants), int8 (int8 factors decoded from their codes), ncu_w8 (Nsight Compute on the bf16 and int8 svd plans' step kernels: bandwidth, occupancy, warp stalls), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
@@ -195,6 +195,43 @@ done
 # second step's q and k of layer 0; run with L=4 for a quick synthetic model), then timing-only
 # variants (MPO_PARTS; COMPACTOR_GEMV_DEFINES=MF_SKIP=1 leaves out the tensor-core phases, 2 the
 # copies too, 3 phase 2, 4 phase 1)
+# ncu_w8: the bf16 and int8 svd plans' step kernels under Nsight Compute: each kernel's isolated
+# duration and DRAM bandwidth (a whole step), then for the kernels of one layer the issue
+# activity, occupancy and the largest warp stall reasons (why the int8 kernels stream slower)
+ncu_w8() {
+NCU=/usr/local/cuda-13.0/bin/ncu
+for m in g8b-svd g8b-svd-i8; do
+  step "ncu: $m, one decode step at batch 1, fused"
+  timeout 150 $NCU --graph-profiling node --clock-control none --kernel-name regex:"gemv|step_" --launch-skip $((363 * 3)) --launch-count 363 \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
+    --csv --page raw -o /tmp/ncu-$m -f $B bench decode /tmp/$m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1 --paths fused > /tmp/ncu-$m.log 2>&1
+  echo "ncu rc $?"; grep -E "==ERROR" /tmp/ncu-$m.log | head -5
+  $NCU --import /tmp/ncu-$m.ncu-rep --csv --page raw > /tmp/ncu-$m.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncu-$m.csv 12
+  step "ncu: $m, layer 10's kernels, warp states"
+  timeout 150 $NCU --graph-profiling node --clock-control none --kernel-name regex:"gemv|step_" --launch-skip $((363 * 3 + 9 * 10)) --launch-count 9 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    -o /tmp/ncud-$m -f $B bench decode /tmp/$m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1 --paths fused > /tmp/ncud-$m.log 2>&1
+  echo "ncu rc $?"; grep -E "==ERROR" /tmp/ncud-$m.log | head -5
+  $NCU --import /tmp/ncud-$m.ncu-rep --csv --page raw > /tmp/ncud-$m.csv 2>/dev/null && python3 - /tmp/ncud-$m.csv <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+h = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+cols = rows[h]; ix = {c: i for i, c in enumerate(cols)}
+def f(r, c):
+    try: return float(r[ix[c]].replace(",", ""))
+    except (KeyError, ValueError): return float("nan")
+keys = ["gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed", "smsp__issue_active.avg.pct_of_peak_sustained_active",
+        "sm__warps_active.avg.pct_of_peak_sustained_active", "smsp__warps_eligible.avg.per_cycle_active", "launch__registers_per_thread", "launch__grid_size", "smsp__inst_executed.sum"]
+stall = [c for c in cols if "average_warp_latency_issue_stalled" in c and c.endswith(".ratio") and "not_issued" not in c] or \
+        [c for c in cols if "warps_issue_stalled" in c and c.endswith("per_issue_active.ratio")]
+for r in rows[h + 2:]:
+    if len(r) != len(cols): continue
+    print(r[ix["Kernel Name"]], " ".join(f"{k.split('__')[1].split('.')[0]}={f(r, k):.4g}" for k in keys))
+    top = sorted(((f(r, c), c) for c in stall), reverse=True)[:7]
+    print("   stalls/issue:", ", ".join(f"{c.split('stalled_')[1].split('.')[0].replace('_per_issue_active','')}={v:.2f}" for v, c in top))
+PY
+done
+}
 mpo_prof() {
 compress_once /tmp/g8b-tt --method tt --ratio 0.5
 step "ncu --set detailed: step_mpof, g8b ($L layers) tt"

@@ -55,4 +55,5 @@ for arch in ("compute_90", "compute_80"):
     check(decode, "decode.cu", arch)
     check(decode_w8, "decode_w8.cu", arch)
     check("#define W8R 1\n" + decode_w8, "decode_w8_r1.cu", arch)  # COMPACTOR_W8_ROWS=1
+    check("#define W8R 4\n" + decode_w8, "decode_w8_r4.cu", arch)  # COMPACTOR_W8_ROWS=4
 check(raw("crates/core/src/gpu_band.rs", "pub(crate) const BAND_SRC"), "band.cu", "compute_80")

@@ -1158,7 +1158,7 @@ LONG(1) LONG(2)
 "#;
 
 /// Rows of one warp group for batch `b` (must match GEMV_SRC's R12): 2 from batch 3 on; at
-/// batch 1–2 one bf16 row, or `COMPACTOR_W8_ROWS` (2 unless set; 1 or 2) int8 rows.
+/// batch 1–2 one bf16 row, or `COMPACTOR_W8_ROWS` (2 unless set; 1 to 4) int8 rows.
 fn rows_per_warp(b: usize, int8: bool) -> usize {
     if b > 2 {
         2
@@ -1171,19 +1171,27 @@ fn rows_per_warp(b: usize, int8: bool) -> usize {
 
 fn w8_rows() -> usize {
     static ROWS: OnceLock<usize> = OnceLock::new();
-    env_usize("COMPACTOR_W8_ROWS", &ROWS, 2).clamp(1, 2)
+    env_usize("COMPACTOR_W8_ROWS", &ROWS, 2).clamp(1, 4)
 }
 
 /// Warps that share a row group: more where there are few rows of many columns, so that a
-/// launch has ~4K warps in flight, but each lane still does at least two 16-byte loads per row.
+/// launch has ~4K warps in flight, but each lane still reads at least 4 chunks of a row. Int8
+/// rows (`int8_rows` > 0: the rows a warp group streams) count a lane's chunks over all of them,
+/// at least `COMPACTOR_W8_SPLIT_LOADS` (2 unless set; 8 is bf16's rule for 2 rows). On an H200
+/// (svd 0.5 with int8 factors, Granite-8B shapes, batch 1, 2026-12-01) 8 / 4 / 2 / 1 gave 352.3 /
+/// 327.3 / 328.0 / 323.0 tok/s with the biased code conversion since dropped, and 8 / 2 gave
+/// 353.6 / 361.9, 361.1, 362.7, 359.6 with the exact one: the small int8 launches (the rank-1024
+/// A factors, the B factors with residual) had 1–2 blocks an SM.
 /// The target is `COMPACTOR_SPLIT_WARPS` (4096 unless set): in the decode step graph of the
 /// Granite-8B shapes at batch 1 (H100, 2026-11-28) 2048 / 4096 / 8192 / 16384 gave the svd model
 /// 268.0 / 272.3 / 258.6 / 263.0 tok/s and the dense one 158.3 / 158.8 / 157.3 / 163.7.
-fn split_for(row_groups: usize, cols8: usize) -> usize {
+fn split_for(row_groups: usize, chunks: usize, int8_rows: usize) -> usize {
     static TARGET: OnceLock<usize> = OnceLock::new();
+    static W8_LOADS: OnceLock<usize> = OnceLock::new();
     let target = env_usize("COMPACTOR_SPLIT_WARPS", &TARGET, 4096);
+    let (reads, least) = if int8_rows > 0 { (chunks * int8_rows, env_usize("COMPACTOR_W8_SPLIT_LOADS", &W8_LOADS, 2).max(1)) } else { (chunks, 4) };
     let mut s = 1;
-    while s < 8 && row_groups * s < target && cols8 >= 64 * s * 2 {
+    while s < 8 && row_groups * s < target && reads >= 32 * s * least {
         s *= 2;
     }
     s
@@ -1368,15 +1376,16 @@ fn addr<T>(dev: &candle_core::cuda::CudaDevice, v: &cudarc::driver::CudaView<T>)
 }
 
 /// The kernel-side form of product `p` starting at block `first`, and its block count; `rg`:
-/// outputs per warp group of the CUDA-core kernel (1 for pairs, else [`rows_per_warp`]).
-fn seg_for(mode: u8, rg: usize, p: &Product, first: usize, fit: usize) -> (Seg, usize) {
+/// outputs per warp group of the CUDA-core kernel (1 for pairs, else [`rows_per_warp`]); `rows`:
+/// the weight rows a warp group streams (2 for pairs, else `rg`).
+fn seg_for(mode: u8, rg: usize, rows: usize, p: &Product, first: usize, fit: usize) -> (Seg, usize) {
     // tensor cores: 16 rows per block; CUDA cores: 8 warps in groups of `split`, each group 1–2 rows
     let (split, nb) = if mode == 2 {
         (0, p.rows.div_ceil(16))
     } else {
         let groups = p.rows.div_ceil(rg);
         let chunks = row_chunks(p.cols, p.q.is_int8());
-        let mut split = split_for(groups, chunks);
+        let mut split = split_for(groups, chunks, if p.q.is_int8() { rows } else { 0 });
         while fit > 0 && split < 8 && lane_chunks(chunks, split) > fit {
             split *= 2;
         }
@@ -1451,7 +1460,20 @@ fn parse_tiers(v: &str) -> Result<Vec<(usize, usize)>, String> {
 
 #[cfg(test)]
 mod split_tier_tests {
-    use super::parse_tiers;
+    use super::{parse_tiers, split_for};
+
+    #[test]
+    fn int8_rows_split_further_than_bf16_rows_of_the_same_bytes() {
+        // bf16 (q's A factor at rank 1024, 4096 columns): 1024 row groups, 512 chunks a row
+        assert_eq!(split_for(1024, 512, 0), 4);
+        // the same factor in int8, 2 rows a warp group: 512 groups of 256 chunks a row
+        assert_eq!(split_for(512, 256, 2), 8);
+        // B factors of 64 chunks a row: bf16 stays whole, int8 pairs of rows split in two
+        assert_eq!(split_for(4096, 128, 0), 1);
+        assert_eq!(split_for(2048, 64, 2), 2);
+        // enough row groups: no split either way
+        assert_eq!(split_for(8192, 4096, 2), 1);
+    }
 
     #[test]
     fn tiers_parse_sorted_largest_first_and_a_bad_one_is_named() {
@@ -1515,7 +1537,8 @@ fn launch_chunks(dev: &candle_core::cuda::CudaDevice, mode: u8, b: usize, prods:
         let mut segs = Segs { n: chunk.len() as i32, batch: b as i32, ..Default::default() };
         let (mut blocks, fit) = (0usize, split_fit(b, chunk, 0));
         for (seg, p) in segs.s.iter_mut().zip(chunk) {
-            let (sg, nb) = seg_for(mode, rows_per_warp(b, w8), p, blocks, fit);
+            let rg = rows_per_warp(b, w8);
+            let (sg, nb) = seg_for(mode, rg, rg, p, blocks, fit);
             *seg = sg;
             blocks += nb;
         }
@@ -1593,7 +1616,7 @@ fn fused_segs(b: usize, prods: &[Product], pairs: &[Pair], norm: Option<(u64, f3
     let mut segs = Segs { n: prods.len() as i32, batch: b as i32, ..Default::default() };
     let (mut blocks, fit) = (0usize, split_fit(b, prods, pairs.len()));
     for (i, (seg, p)) in segs.s.iter_mut().zip(prods).enumerate() {
-        let (mut sg, nb) = seg_for(1, rg, p, blocks, fit);
+        let (mut sg, nb) = seg_for(1, rg, if out == Out::Glu { 2 } else { rg }, p, blocks, fit);
         if let Some(pair) = pairs.get(i) {
             (sg.w2, sg.x2, sg.sc2) = (pair.w, pair.x, pair.sc);
         }
