@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA binary of `compactor` on this CPU-only machine, for the GPU machine
 # (driver 580 / CUDA 13.0, sm_90). Recipe: ../shared/docs/GPU.md. Output: .gpu/compactor
+# (`scripts/build-cuda.sh --unit-tests` runs the cuda-feature unit tests here instead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -39,6 +40,13 @@ stub cusparse libcusparse.so.12 cusparse/sys cusparse
 export PATH=$CU/bin:$PATH CUDA_HOME=$CU CUDA_PATH=$CU CUDA_ROOT=$CU
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export LIBRARY_PATH=$LINK RUSTFLAGS="-L $LINK"
+# --unit-tests: the core crate's unit tests with the cuda feature instead of the build (the GPU
+# modules' host-side logic: launch splits, settings, int8 codes on the CPU), run here against the
+# stub libraries; nothing in them touches a GPU
+if [ "${1:-}" = --unit-tests ]; then
+  LD_LIBRARY_PATH="$LINK:$CU/lib" cargo test --release -p compactor-core --features cuda --lib
+  exit
+fi
 # the decode kernels are compiled by NVRTC at run time: compile them here first
 LD_LIBRARY_PATH="$CU/lib" python3 scripts/nvrtc-check.py "$(ls "$CU"/lib/libnvrtc.so.* | head -1)"
 cargo build --release -p compactor-cli --features cuda --bin compactor
