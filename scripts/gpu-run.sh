@@ -199,37 +199,15 @@ done
 # duration and DRAM bandwidth (a whole step), then for the kernels of one layer the issue
 # activity, occupancy and the largest warp stall reasons (why the int8 kernels stream slower)
 ncu_w8() {
+NCU_MODELS="g8b-svd:363 g8b-svd-i8:363" NCU_LIST=12 ncu_step
 NCU=/usr/local/cuda-13.0/bin/ncu
 for m in g8b-svd g8b-svd-i8; do
-  step "ncu: $m, one decode step at batch 1, fused"
-  timeout 150 $NCU --graph-profiling node --clock-control none --kernel-name regex:"gemv|step_" --launch-skip $((363 * 3)) --launch-count 363 \
-    --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
-    --csv --page raw -o /tmp/ncu-$m -f $B bench decode /tmp/$m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1 --paths fused > /tmp/ncu-$m.log 2>&1
-  echo "ncu rc $?"; grep -E "==ERROR" /tmp/ncu-$m.log | head -5
-  $NCU --import /tmp/ncu-$m.ncu-rep --csv --page raw > /tmp/ncu-$m.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncu-$m.csv 12
   step "ncu: $m, layer 10's kernels, warp states"
   timeout 150 $NCU --graph-profiling node --clock-control none --kernel-name regex:"gemv|step_" --launch-skip $((363 * 3 + 9 * 10)) --launch-count 9 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
     -o /tmp/ncud-$m -f $B bench decode /tmp/$m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1 --paths fused > /tmp/ncud-$m.log 2>&1
   echo "ncu rc $?"; grep -E "==ERROR" /tmp/ncud-$m.log | head -5
-  $NCU --import /tmp/ncud-$m.ncu-rep --csv --page raw > /tmp/ncud-$m.csv 2>/dev/null && python3 - /tmp/ncud-$m.csv <<'PY'
-import csv, sys
-rows = list(csv.reader(open(sys.argv[1])))
-h = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
-cols = rows[h]; ix = {c: i for i, c in enumerate(cols)}
-def f(r, c):
-    try: return float(r[ix[c]].replace(",", ""))
-    except (KeyError, ValueError): return float("nan")
-keys = ["gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed", "smsp__issue_active.avg.pct_of_peak_sustained_active",
-        "sm__warps_active.avg.pct_of_peak_sustained_active", "smsp__warps_eligible.avg.per_cycle_active", "launch__registers_per_thread", "launch__grid_size", "smsp__inst_executed.sum"]
-stall = [c for c in cols if "average_warp_latency_issue_stalled" in c and c.endswith(".ratio") and "not_issued" not in c] or \
-        [c for c in cols if "warps_issue_stalled" in c and c.endswith("per_issue_active.ratio")]
-for r in rows[h + 2:]:
-    if len(r) != len(cols): continue
-    print(r[ix["Kernel Name"]], " ".join(f"{k.split('__')[1].split('.')[0]}={f(r, k):.4g}" for k in keys))
-    top = sorted(((f(r, c), c) for c in stall), reverse=True)[:7]
-    print("   stalls/issue:", ", ".join(f"{c.split('stalled_')[1].split('.')[0].replace('_per_issue_active','')}={v:.2f}" for v, c in top))
-PY
+  $NCU --import /tmp/ncud-$m.ncu-rep --csv --page raw > /tmp/ncud-$m.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncud-$m.csv --stalls
 done
 }
 mpo_prof() {
@@ -387,13 +365,14 @@ timeout 60 $B bench eigen --n 1024 --batch 8,32
 ncu_step() {
 step "ncu: one decode step's kernels at batch 1, isolated durations and DRAM bandwidth"
 NCU=/usr/local/cuda-13.0/bin/ncu
-for m in g8b:203 g8b-svd:363; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS:-fused}; do
+# NCU_MODELS: model:kernels-a-step pairs; NCU_LIST: also list that many launches one by one
+for m in ${NCU_MODELS:-g8b:203 g8b-svd:363}; do n=${m#*:}; m=${m%%:*}; for p in ${PROFILE_PATHS:-fused}; do
   echo "--- $m, $p"
   timeout 200 $NCU --graph-profiling node --clock-control none --kernel-name regex:"gemv|step_" --launch-skip $((n * 3)) --launch-count $n \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
     --csv --page raw -o /tmp/ncu-$m-$p -f $B bench decode /tmp/$m --device cuda --dtype bf16 --prompt-tokens 32 --tokens 8 --repeats 1 --batch 1 --paths $p > /tmp/ncu-$m-$p.log 2>&1
   echo "ncu rc $?"; grep -E "==ERROR|==WARNING" /tmp/ncu-$m-$p.log | head -5
-  $NCU --import /tmp/ncu-$m-$p.ncu-rep --csv --page raw > /tmp/ncu-$m-$p.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncu-$m-$p.csv
+  $NCU --import /tmp/ncu-$m-$p.ncu-rep --csv --page raw > /tmp/ncu-$m-$p.csv 2>/dev/null && python3 scripts/ncu-step.py /tmp/ncu-$m-$p.csv ${NCU_LIST:-}
 done; done
 }
 # decode of two plans with half the linear parameters: svd everywhere, and attention kept dense

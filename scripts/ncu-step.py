@@ -2,7 +2,9 @@
 """Aggregates an Nsight Compute CSV (`ncu --csv --page raw`) of one decode step's kernels: per
 kernel name the launches, the summed isolated duration, DRAM bytes read and the bandwidth, the
 registers and the achieved occupancy; then the step's summed duration. Usage: ncu-step.py CSV [N]
-(a benchmark diagnostic for scripts/gpu-run.sh). With N, also the first N launches one by one."""
+(a benchmark diagnostic for scripts/gpu-run.sh). With N, also the first N launches one by one.
+ncu-step.py CSV --stalls: per launch of a CSV with the WarpStateStats section, its duration, issue
+activity, occupancy and largest warp stall reasons (stalled cycles per issued instruction)."""
 import csv, sys
 from collections import defaultdict
 
@@ -20,6 +22,16 @@ def num(r, c):
         return float(r[ix[c]].replace(",", "")) * SCALE.get(units[ix[c]], 1)
     except (KeyError, ValueError):
         return 0.0
+if sys.argv[2:] == ["--stalls"]:
+    keys = ["dram__throughput.avg.pct_of_peak_sustained_elapsed", "smsp__issue_active.avg.pct_of_peak_sustained_active",
+            "sm__warps_active.avg.pct_of_peak_sustained_active", "smsp__warps_eligible.avg.per_cycle_active", "launch__registers_per_thread", "launch__grid_size"]
+    stall = [c for c in cols if "average_warp_latency_issue_stalled" in c and c.endswith(".ratio") and "not_issued" not in c] or \
+            [c for c in cols if "warps_issue_stalled" in c and c.endswith("per_issue_active.ratio")]
+    for r in data:
+        print(r[ix["Kernel Name"]], f"{num(r, 'gpu__time_duration.sum') / 1e3:.2f} us", " ".join(f"{k.split('__')[1].split('.')[0]}={num(r, k):.4g}" for k in keys))
+        top = sorted(((num(r, c), c) for c in stall), reverse=True)[:7]
+        print("   stalls/issue:", ", ".join(f"{c.split('stalled_')[1].split('.')[0].replace('_per_issue_active', '')}={v:.2f}" for v, c in top))
+    sys.exit(0)
 agg = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0, 0.0])
 tot_t = tot_b = 0.0
 for r in data:

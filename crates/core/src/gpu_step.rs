@@ -796,10 +796,14 @@ fn int8_operand(w: &Int8Weight) -> crate::Result<Option<(u64, Q8)>> {
     let (codes, scales) = (&w.codes, &w.scales);
     let (_, cols) = w.dims()?;
     let ok = codes.dtype() == DType::U8 && scales.dtype() == DType::F32 && codes.is_contiguous() && scales.is_contiguous() && cols % 16 == 0 && w.group.is_power_of_two() && w.group >= 16;
-    if !ok || tensor_addr(codes)? % 16 != 0 {
+    if !ok {
         return Ok(None);
     }
-    Ok(Some((tensor_addr(codes)?, Q8 { sc: tensor_addr(scales)?, gs: w.group.trailing_zeros(), sg: scales.dim(1)? as u32 })))
+    let at = tensor_addr(codes)?;
+    if at % 16 != 0 {
+        return Ok(None);
+    }
+    Ok(Some((at, Q8 { sc: tensor_addr(scales)?, gs: w.group.trailing_zeros(), sg: scales.dim(1)? as u32 })))
 }
 
 /// Whether a decoder of `batch` rows runs int8 weights from bf16 copies (the batches whose bf16
