@@ -438,7 +438,10 @@ fi
 # F: issue 8's benchmark in one call: the synthetic Granite-8B, Compactor's spectra and both plans
 # (load -> compress -> save), PyTorch on the same matrices (torch.linalg.svd on the first SVD_LIMIT
 # matrices, extrapolated by shape), the ratios, then dense vs compressed decode (the svd plan, the
-# decode-aware plan scripts/plans/granite-8b-decode-50.json and the tt plan)
+# decode-aware plan scripts/plans/granite-8b-decode-50.json, the same plan in int8
+# (granite-8b-decode-50-int8.json), the dense model in int8 for reference, and the tt plan).
+# Its models take ~55 GB of /tmp (the machine has ~66 GB free): run it on a fresh machine or
+# remove earlier calls' models first.
 if [ "$PART" = F ]; then
 g8b; warm
 PLANS_TIMING=0 plans
@@ -460,7 +463,11 @@ for label, secs, ours in rows:
 PY
 step "Compactor decode-aware plan, 50.2 % of the linear parameters kept (scripts/plans/granite-8b-decode-50.json)"
 compress_once /tmp/g8b-decode --plan scripts/plans/granite-8b-decode-50.json
+step "the same plan with int8 factors and dense layers (scripts/plans/granite-8b-decode-50-int8.json), and for reference the dense model in int8"
+compress_once /tmp/g8b-decode-i8 --plan scripts/plans/granite-8b-decode-50-int8.json
+compress_once /tmp/g8b-i8 --method dense --quant int8
+for d in /tmp/g8b-decode /tmp/g8b-decode-i8 /tmp/g8b-i8; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" $d/compactor.json; done
 # the tt plan's model decodes too (MPO layers: fused at batch 1, two cuBLAS GEMMs above)
-DECODE_EXTRA="/tmp/g8b-decode /tmp/g8b-tt" PATHS=${PATHS:-fused} decode_full
+DECODE_EXTRA="/tmp/g8b-decode /tmp/g8b-decode-i8 /tmp/g8b-i8 /tmp/g8b-tt" PATHS=${PATHS:-fused} decode_full
 fi
 echo; echo "=== done $(date +%T)"
