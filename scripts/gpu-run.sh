@@ -5,7 +5,7 @@
 #   carry: .gpu .gl        usage: scripts/gpu-run.sh A|B|C|D|E|F   (each call must fit 10 minutes)
 #   F: issue 8's whole benchmark in one call (Compactor and PyTorch on the same matrices, ratios, decode)
 #   D runs the issue-8 steps named in STEPS (default: agree tokens linear g8b plans decode_full;
-#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused batch-1 MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_prof (Nsight Compute on it, timing-only variants), int8 (int8 factors decoded from their codes), ncu_w8 (Nsight Compute on the bf16 and int8 svd plans' step kernels: bandwidth, occupancy, warp stalls), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
+#     also: svd_only, aware (the decode-aware plan), tt_decode (MPO layers in the step graph vs candle ops), mpo_fused (the fused batch-1 MPO kernel vs two cuBLAS GEMMs; MPO_ENVS), mpo_prof (Nsight Compute on it, timing-only variants), int8 (int8 factors decoded from their codes), int8_ref (the dense model in int8 against the int8 decode-aware plan), ncu_w8 (Nsight Compute on the bf16 and int8 svd plans' step kernels: bandwidth, occupancy, warp stalls), graph_tiny (step graph vs candle ops on granite-tiny), decode_parts (what each
 #     kernel kind of the step graph costs), decode_split (column-split sweep), decode_pdl,
 #     spectra_streams (spectra on 8 and 16 streams), eigen (syevd against syevBatched and two-stage),
 #     spectra2 (spectra: two-stage band 8 / 16 against syevd), decode_env (batch-1 decode of DECODE_MODELS under each of
@@ -254,6 +254,14 @@ aware() {
 step "Compactor decode-aware plan (for decode)"
 compress_once /tmp/g8b-aware --plan scripts/plans/granite-8b-decode-50.json
 }
+# int8_ref: the dense model with every weight in int8, against the dense one and the int8
+# decode-aware plan (what int8 alone buys at batch 1 and 16)
+int8_ref() {
+step "the dense model in int8, for reference"
+compress_once /tmp/g8b-i8 --method dense --quant int8
+compress_once /tmp/g8b-decode-i8 --plan scripts/plans/granite-8b-decode-50-int8.json
+timeout 300 $B bench decode /tmp/g8b /tmp/g8b-decode-i8 /tmp/g8b-i8 --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths fused
+}
 # the decode step as one CUDA graph on granite-tiny: same tokens as candle ops, logits agree
 graph_tiny() {
 [ -d /tmp/gt-svd-cuda ] || timeout 100 $B compress $G --method svd --ratio 0.5 --device cuda --out /tmp/gt-svd-cuda > /dev/null
@@ -439,8 +447,8 @@ fi
 # (load -> compress -> save), PyTorch on the same matrices (torch.linalg.svd on the first SVD_LIMIT
 # matrices, extrapolated by shape), the ratios, then dense vs compressed decode (the svd plan, the
 # decode-aware plan scripts/plans/granite-8b-decode-50.json, the same plan in int8
-# (granite-8b-decode-50-int8.json), the dense model in int8 for reference, and the tt plan).
-# Its models take ~55 GB of /tmp (the machine has ~66 GB free): run it on a fresh machine or
+# (granite-8b-decode-50-int8.json) and the tt plan).
+# Its models take ~46 GB of /tmp (a fresh machine has ~66 GB free): run it on a fresh machine or
 # remove earlier calls' models first.
 if [ "$PART" = F ]; then
 g8b; warm
@@ -463,11 +471,10 @@ for label, secs, ours in rows:
 PY
 step "Compactor decode-aware plan, 50.2 % of the linear parameters kept (scripts/plans/granite-8b-decode-50.json)"
 compress_once /tmp/g8b-decode --plan scripts/plans/granite-8b-decode-50.json
-step "the same plan with int8 factors and dense layers (scripts/plans/granite-8b-decode-50-int8.json), and for reference the dense model in int8"
+step "the same plan with every weight in int8 (scripts/plans/granite-8b-decode-50-int8.json)"
 compress_once /tmp/g8b-decode-i8 --plan scripts/plans/granite-8b-decode-50-int8.json
-compress_once /tmp/g8b-i8 --method dense --quant int8
-for d in /tmp/g8b-decode /tmp/g8b-decode-i8 /tmp/g8b-i8; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" $d/compactor.json; done
-# the tt plan's model decodes too (MPO layers: fused at batch 1, two cuBLAS GEMMs above)
-DECODE_EXTRA="/tmp/g8b-decode /tmp/g8b-decode-i8 /tmp/g8b-i8 /tmp/g8b-tt" PATHS=${PATHS:-fused} decode_full
+# the tt plan's model decodes too (MPO layers: fused at batch 1, two cuBLAS GEMMs above); int8_ref
+# (a D step) adds the dense model in int8, which F leaves out to fit one call
+DECODE_EXTRA="/tmp/g8b-decode /tmp/g8b-decode-i8 /tmp/g8b-tt" PATHS=${PATHS:-fused} decode_full
 fi
 echo; echo "=== done $(date +%T)"
