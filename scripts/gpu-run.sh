@@ -150,6 +150,14 @@ compress_once() {
 local d=$1; shift
 [ -f $d/compactor.json ] || timeout 200 $B compress /tmp/g8b "$@" --device cuda --out $d > /dev/null
 }
+# plan_model FILE: the synthetic Granite-8B compressed with plan FILE into /tmp/g8b-plan-NAME (NAME:
+# the file's, without .json), unless there already; prints that directory. Every step that
+# needs a plan file's model shares it, so no call compresses a plan twice.
+plan_model() {
+local d=/tmp/g8b-plan-$(basename "$1" .json)
+compress_once $d --plan "$1"
+echo $d
+}
 svd_only() {
 step "Compactor svd plan at 0.5 (for decode)"
 compress_once /tmp/g8b-svd --method svd --ratio 0.5
@@ -252,15 +260,14 @@ compress_once /tmp/g8b-svd-i8 --method svd --ratio 0.5 --quant int8
 # aware: the decode-aware plan at half the parameters (scripts/plans/granite-8b-decode-50.json)
 aware() {
 step "Compactor decode-aware plan (for decode)"
-compress_once /tmp/g8b-aware --plan scripts/plans/granite-8b-decode-50.json
+echo "decode-aware model: $(plan_model scripts/plans/granite-8b-decode-50.json)"
 }
 # int8_ref: the dense model with every weight in int8, against the dense one and the int8
 # decode-aware plan (what int8 alone buys at batch 1 and 16)
 int8_ref() {
 step "the dense model in int8, for reference"
 compress_once /tmp/g8b-i8 --method dense --quant int8
-compress_once /tmp/g8b-decode-i8 --plan scripts/plans/granite-8b-decode-50-int8.json
-timeout 300 $B bench decode /tmp/g8b /tmp/g8b-decode-i8 /tmp/g8b-i8 --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths fused
+timeout 300 $B bench decode /tmp/g8b $(plan_model scripts/plans/granite-8b-decode-50-int8.json) /tmp/g8b-i8 --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch 1,16 --paths fused
 }
 # the decode step as one CUDA graph on granite-tiny: same tokens as candle ops, logits agree
 graph_tiny() {
@@ -407,9 +414,7 @@ for t in $CURVE_MLP; do
   dirs="$dirs /tmp/g8b-mlp-$t"
 done
 for p in $CURVE_PLANS; do
-  n=$(basename $p .json)
-  compress_once /tmp/g8b-plan-$n --plan $p
-  dirs="$dirs /tmp/g8b-plan-$n"
+  dirs="$dirs $(plan_model $p)"
 done
 for d in $dirs; do python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; print(sys.argv[1], 'linear_param_ratio', round(t['linear_param_ratio'], 4), 'bytes', t['bytes'])" $d/compactor.json; done
 timeout 400 $B bench decode /tmp/g8b $dirs --device cuda --dtype bf16 --prompt-tokens 32 --tokens 64 --repeats 3 --batch ${CURVE_BATCH:-1,16} --paths ${PATHS:-fused}
@@ -470,11 +475,11 @@ for label, secs, ours in rows:
     print(f"{label:48} {secs:7.1f} s (compute only, weights already on the GPU): Compactor's {ours} {secs / t[ours]:.2f}x faster")
 PY
 step "Compactor decode-aware plan, 50.2 % of the linear parameters kept (scripts/plans/granite-8b-decode-50.json)"
-compress_once /tmp/g8b-decode --plan scripts/plans/granite-8b-decode-50.json
+DEC=$(plan_model scripts/plans/granite-8b-decode-50.json)
 step "the same plan with every weight in int8 (scripts/plans/granite-8b-decode-50-int8.json)"
-compress_once /tmp/g8b-decode-i8 --plan scripts/plans/granite-8b-decode-50-int8.json
+DEC8=$(plan_model scripts/plans/granite-8b-decode-50-int8.json)
 # the tt plan's model decodes too (MPO layers: fused at batch 1, two cuBLAS GEMMs above); int8_ref
 # (a D step) adds the dense model in int8, which F leaves out to fit one call
-DECODE_EXTRA="/tmp/g8b-decode /tmp/g8b-decode-i8 /tmp/g8b-tt" PATHS=${PATHS:-fused} decode_full
+DECODE_EXTRA="$DEC $DEC8 /tmp/g8b-tt" PATHS=${PATHS:-fused} decode_full
 fi
 echo; echo "=== done $(date +%T)"
